@@ -1,0 +1,183 @@
+"""The model: a decoder-only transformer shaped exactly like Llama.
+
+Pre-norm RMSNorm (weight only), rotary position embeddings in the half-split `rotate_half`
+layout, SwiGLU feed-forward, no biases, PyTorch's fused scaled-dot-product attention, and an
+optional tied output head. Because the shapes and the RoPE layout are Llama's, exporting to the
+Hugging Face format is a renaming of tensors (model/export.py), not a conversion.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # targets with this value carry no loss (user turns, padding)
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    context_length: int
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+    tie_embeddings: bool
+    rope_theta: float
+    norm_eps: float
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def rope_tables(head_dim, length, theta):
+    """cos and sin of every position's rotation angles, (length, head_dim), halves repeated."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotates (B, H, T, D) queries or keys; pairs are (i, i + D/2), as in Llama."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of every layer for up to `batch_size` sequences of up to `max_length` tokens.
+
+    Row b of a batch reads and writes row b of the cache; each token is written at its own
+    position, so the rows of one batch may be at different lengths (the server relies on this).
+    """
+
+    def __init__(self, config, batch_size, max_length, device=None, dtype=torch.float32):
+        shape = (config.n_layers, batch_size, config.n_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_length = max_length
+
+    def update(self, layer, keys, values, positions):
+        """Stores (B, H, T, D) keys / values at `positions` (B, T); returns all keys, values and the mask."""
+        rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
+        self.keys[layer, rows, :, positions] = keys.transpose(1, 2)
+        self.values[layer, rows, :, positions] = values.transpose(1, 2)
+        length = int(positions.max()) + 1
+        visible = torch.arange(length, device=keys.device) <= positions[:, None, :, None]  # (B, 1, T, length)
+        batch = keys.shape[0]
+        return self.keys[layer, :batch, :, :length], self.values[layer, :batch, :, :length], visible
+
+    def copy_row(self, source, target):
+        self.keys[:, target] = self.keys[:, source]
+        self.values[:, target] = self.values[:, source]
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, layer=None, positions=None):
+        batch, length, width = x.shape
+        q, k, v = (proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v, visible = cache.update(layer, k, v, positions)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        return self.o_proj(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x, cos, sin, cache=None, layer=None, positions=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, positions)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaling: each residual branch adds to the stream, so its output starts smaller.
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, tokens, targets=None, cache=None, positions=None):
+        """Logits (B, T, vocab), and the mean loss over targets != IGNORE_INDEX when given.
+
+        Without a cache the sequence starts at position 0 with causal attention. With a cache,
+        `positions` (B, T) are the absolute positions of `tokens`, which attend to all cached
+        tokens of their row up to themselves.
+        """
+        if cache is None:
+            length = tokens.shape[1]
+            cos, sin = self.rope_cos[:length], self.rope_sin[:length]
+        else:
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, positions)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def optimizer_groups(self, weight_decay):
+        """AdamW groups: decay on matrices (projections, embeddings), none on norm weights."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]

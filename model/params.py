@@ -1,0 +1,137 @@
+"""params.yaml: its schema, and the checks that run before any stage does work.
+
+Every section is a frozen dataclass. `load_params` rejects unknown or missing keys, wrong types
+and out-of-range values with an error naming the key, so a typo fails in a second instead of
+after an hour of training.
+"""
+
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import get_type_hints
+
+import yaml
+
+PARAMS_FILE = Path("params.yaml")
+MAX_UINT16_VOCAB = 2**16
+# 256 byte-fallback pieces + <unk> + 3 special tokens, plus room for learned merges.
+MIN_VOCAB = 512
+
+
+class ParamsError(ValueError):
+    """A value in params.yaml that no stage can run with."""
+
+
+def _require(condition, key, message):
+    if not condition:
+        raise ParamsError(f"params.yaml: {key} {message}")
+
+
+@dataclass(frozen=True)
+class WikipediaParams:
+    source: str  # hub dataset id (wikimedia/wikipedia) or a local folder in the hub's layout
+    data_dir: str
+    max_bytes: int
+    min_chars: int
+
+    def check(self, key):
+        _require(self.max_bytes > 0, f"{key}.max_bytes", f"must be a positive byte count, got {self.max_bytes}")
+        _require(self.min_chars >= 0, f"{key}.min_chars", f"must be >= 0, got {self.min_chars}")
+
+
+@dataclass(frozen=True)
+class C4Params:
+    source: str  # hub dataset id (allenai/c4) or a local folder in the hub's layout
+    data_files: str
+    max_bytes: int
+    min_chars: int
+
+    check = WikipediaParams.check
+
+
+@dataclass(frozen=True)
+class DialogParams:
+    source: str  # hub dataset id (roskoN/dailydialog) or a local folder holding the split zips
+
+
+@dataclass(frozen=True)
+class CombineParams:
+    val_fraction: float
+
+    def check(self, key):
+        _require(0 < self.val_fraction < 0.5, f"{key}.val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class TokenizerParams:
+    vocab_size: int
+    max_sentences: int  # BPE trains on a seeded sample of at most this many lines
+
+    def check(self, key):
+        _require(
+            MIN_VOCAB <= self.vocab_size <= MAX_UINT16_VOCAB,
+            f"{key}.vocab_size",
+            f"must be between {MIN_VOCAB} (room for the 256 byte pieces and the special tokens) "
+            f"and {MAX_UINT16_VOCAB} (token ids are stored as uint16), got {self.vocab_size}",
+        )
+        _require(self.max_sentences > 0, f"{key}.max_sentences", f"must be positive, got {self.max_sentences}")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    wikipedia: WikipediaParams
+    c4: C4Params
+    dialog: DialogParams
+    combine: CombineParams
+    tokenizer: TokenizerParams
+
+
+def _type_name(kind):
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, kind.__name__)
+
+
+def _check_type(key, value, kind):
+    # bool is a subclass of int in Python, so it is excluded explicitly from numbers.
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str) and value != "",
+    }[kind]
+    _require(ok, key, f"must be {_type_name(kind)}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def _build(cls, raw, key):
+    where = key or "(top level)"
+    _require(isinstance(raw, dict), where, f"must be a mapping of keys, got {raw!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for name in raw:
+        _require(name in names, _join(key, name), f"is not a known key; valid keys of {where}: {', '.join(names)}")
+    values = {}
+    for name in names:
+        _require(name in raw, _join(key, name), "is missing")
+        kind = hints[name]
+        if is_dataclass(kind):
+            values[name] = _build(kind, raw[name], _join(key, name))
+        else:
+            values[name] = _check_type(_join(key, name), raw[name], kind)
+    section = cls(**values)
+    if hasattr(section, "check"):
+        section.check(key)
+    return section
+
+
+def _join(key, name):
+    return f"{key}.{name}" if key else name
+
+
+def parse_params(raw):
+    """Validates a params mapping (as read from YAML) into `Params`, or raises ParamsError."""
+    return _build(Params, raw, "")
+
+
+def load_params(path=PARAMS_FILE):
+    with open(path, encoding="utf-8") as f:
+        return parse_params(yaml.safe_load(f))

@@ -1,0 +1,134 @@
+"""The sentencepiece BPE tokenizer: training it, and the one wrapper every other part uses.
+
+Settings follow Llama's tokenizer (identity normalisation, byte fallback, split digits), so the
+export later loads as a standard Llama tokenizer. No dummy prefix: encoding a string is then the
+concatenation of encoding its pieces split before a space or a special token, which keeps the
+chat format and its assistant mask exact.
+"""
+
+import io
+import itertools
+import os
+import re
+
+import numpy as np
+import sentencepiece as spm
+
+from model.dialog import ASSISTANT, END_OF_TEXT, USER, render_chat
+
+UNK_ID, END_OF_TEXT_ID, USER_ID, ASSISTANT_ID = 0, 1, 2, 3
+# sentencepiece skips longer lines while training; paragraphs longer than this are rare.
+MAX_SENTENCE_BYTES = 16384
+# sentencepiece encodes each whitespace-led word on its own (a run of spaces joins the next word):
+# the same split here lets each distinct word be encoded once and reused.
+_WORD = re.compile(r"[^ ]+| +[^ ]*")
+
+
+class CorpusTooSmallError(ValueError):
+    """The training text cannot support the requested vocabulary."""
+
+
+def sample_sentences(lines, max_sentences, seed):
+    """At most `max_sentences` of `lines`, chosen with `seed`, in their original order."""
+    if len(lines) <= max_sentences:
+        return lines
+    keep = np.sort(np.random.default_rng(seed).choice(len(lines), size=max_sentences, replace=False))
+    return [lines[i] for i in keep]
+
+
+def train_bpe(sentences, vocab_size, seed):
+    """Trains the BPE model on `sentences` (lines without newlines); returns the serialized model."""
+    if not sentences:
+        raise CorpusTooSmallError("the tokenizer corpus is empty: no text survived extraction and cleaning")
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            character_coverage=0.9995,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            unk_id=UNK_ID,
+            eos_id=END_OF_TEXT_ID,
+            eos_piece=END_OF_TEXT,
+            bos_id=-1,
+            pad_id=-1,
+            user_defined_symbols=[USER, ASSISTANT],
+            num_threads=os.cpu_count(),
+            minloglevel=2,
+        )
+    except RuntimeError as error:
+        limit = re.search(r"<= (\d+)", str(error))
+        if "Vocabulary size" in str(error) and limit:
+            raise CorpusTooSmallError(
+                f"the tokenizer corpus ({len(sentences)} lines, {sum(len(s) for s in sentences)} characters) "
+                f"is too small for tokenizer.vocab_size={vocab_size}: it supports at most {limit.group(1)} "
+                f"pieces. Lower tokenizer.vocab_size or raise the extraction caps."
+            ) from error
+        raise
+    return model.getvalue()
+
+
+class Tokenizer:
+    """Text <-> token ids, plus the chat format with its assistant mask."""
+
+    def __init__(self, model_file):
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        self.vocab_size = self.sp.get_piece_size()
+        for piece, expected in ((END_OF_TEXT, END_OF_TEXT_ID), (USER, USER_ID), (ASSISTANT, ASSISTANT_ID)):
+            if self.sp.piece_to_id(piece) != expected:
+                raise ValueError(f"{model_file}: not a tokenizer of this project ({piece} is not id {expected})")
+        self.eot_id = END_OF_TEXT_ID
+
+    def encode(self, text):
+        return self.sp.encode(text)
+
+    def encode_documents(self, texts):
+        """One uint16 array of all `texts`, each followed by <|endoftext|>; equal to encoding each text.
+
+        Fast path for corpora: every distinct word is encoded once, then the token ids are gathered
+        with numpy, which is several times faster than sentencepiece on the whole text.
+        """
+        word_index = {}
+        sequence = []
+        for text in texts:
+            sequence.extend([word_index.setdefault(word, len(word_index)) for word in _WORD.findall(text)])
+            sequence.append(-1)  # numpy reads -1 as the last table entry: <|endoftext|>
+        encoded = self.sp.encode(list(word_index))
+        lengths = np.array([len(ids) for ids in encoded] + [1], dtype=np.int64)
+        table = np.fromiter(itertools.chain(itertools.chain.from_iterable(encoded), [END_OF_TEXT_ID]),
+                            dtype=np.uint16, count=int(lengths.sum()))
+        table_starts = np.cumsum(lengths) - lengths
+        sequence = np.array(sequence, dtype=np.int64)
+        out_lengths = lengths[sequence]
+        out_starts = np.cumsum(out_lengths) - out_lengths
+        # Position p of word k's output reads table[table_starts[k] + (p - out_starts[k])].
+        gather = np.repeat(table_starts[sequence] - out_starts, out_lengths) + np.arange(int(out_lengths.sum()))
+        return table[gather]
+
+    def decode(self, ids):
+        return self.sp.decode(list(ids))
+
+    def encode_chat(self, turns):
+        """Token ids of a rendered dialogue + <|endoftext|>, and a 0/1 mask of assistant reply tokens.
+
+        The mask covers each reply and the newline after it, and the final <|endoftext|> when the
+        assistant spoke last, so the model learns to stop. Role tokens and user turns are excluded.
+        """
+        ids = self.sp.encode(render_chat(turns)) + [END_OF_TEXT_ID]
+        mask = np.zeros(len(ids), dtype=np.uint8)
+        in_reply = False
+        for i, token in enumerate(ids):
+            if token in (USER_ID, ASSISTANT_ID):
+                in_reply = token == ASSISTANT_ID
+            else:
+                mask[i] = in_reply
+        return ids, mask

@@ -1,0 +1,27 @@
+"""Stage build_bpe: train the sentencepiece BPE tokenizer on the training text and dialogues.
+
+usage: python -m stages.build_bpe COMBINED_DIR DIALOG_DIR OUT_MODEL
+"""
+
+import sys
+from pathlib import Path
+
+from model.corpus import read_texts
+from model.files import atomic_output, read_jsonl
+from model.params import load_params
+from model.tokenizer import sample_sentences, train_bpe
+
+
+def main(combined_dir, dialog_dir, out_model):
+    params = load_params()
+    documents = read_texts(Path(combined_dir) / "train.jsonl")
+    turns = [turn for dialogue in read_jsonl(Path(dialog_dir) / "train.jsonl") for turn in dialogue]
+    lines = [line for text in documents + turns for line in text.split("\n") if line]
+    sentences = sample_sentences(lines, params.tokenizer.max_sentences, params.seed)
+    model = train_bpe(sentences, params.tokenizer.vocab_size, params.seed)
+    with atomic_output(out_model) as tmp:
+        tmp.write_bytes(model)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
