@@ -6,12 +6,17 @@ optional tied output head. Because the shapes and the RoPE layout are Llama's, e
 Hugging Face format is a renaming of tensors (model/export.py), not a conversion.
 """
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from model.files import atomic_output, json_text
 
 IGNORE_INDEX = -100  # targets with this value carry no loss (user turns, padding)
 
@@ -153,6 +158,29 @@ class GPT(nn.Module):
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
 
+    def weights(self):
+        """The state dict with each tensor once (a tied head is the embedding), for safetensors."""
+        weights = self.state_dict()
+        if self.config.tie_embeddings:
+            del weights["lm_head.weight"]
+        return weights
+
+    def load_weights(self, weights):
+        """Strict inverse of `weights`: a missing, extra or misshapen tensor is an error naming it."""
+        weights = dict(weights)
+        if self.config.tie_embeddings and "embed.weight" in weights:
+            weights["lm_head.weight"] = weights["embed.weight"]
+        expected = self.state_dict()
+        for name in sorted(set(expected) | set(weights)):
+            if name not in weights:
+                raise ValueError(f"weights lack tensor '{name}' that this model config needs")
+            if name not in expected:
+                raise ValueError(f"weights hold tensor '{name}' that this model config does not have")
+            if weights[name].shape != expected[name].shape:
+                raise ValueError(f"tensor '{name}' has shape {tuple(weights[name].shape)}, this model config "
+                                 f"needs {tuple(expected[name].shape)}")
+        self.load_state_dict(weights, strict=True)
+
     def forward(self, tokens, targets=None, cache=None, positions=None):
         """Logits (B, T, vocab), and the mean loss over targets != IGNORE_INDEX when given.
 
@@ -181,3 +209,21 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+
+
+def save_model(model, out_dir):
+    """`out_dir`/model.safetensors and config.json, written as one atomic folder."""
+    with atomic_output(Path(out_dir)) as tmp:
+        tmp.mkdir()
+        save_file({name: t.detach().contiguous().cpu() for name, t in model.weights().items()},
+                  tmp / "model.safetensors")
+        (tmp / "config.json").write_text(json_text(model.config.to_dict()), encoding="utf-8")
+
+
+def load_model(model_dir, device="cpu"):
+    """A model saved by `save_model`; weights come from safetensors only, nothing is unpickled."""
+    model_dir = Path(model_dir)
+    config = GPTConfig(**json.loads((model_dir / "config.json").read_text(encoding="utf-8")))
+    model = GPT(config)
+    model.load_weights(load_file(model_dir / "model.safetensors"))
+    return model.to(device).eval()

@@ -77,6 +77,82 @@ class TokenizerParams:
 
 
 @dataclass(frozen=True)
+class ModelParams:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_ff: int
+    context_length: int
+    tie_embeddings: bool  # share the input embedding with the output head
+    rope_theta: float
+    norm_eps: float
+
+    def check(self, key):
+        for name in ("n_layers", "d_model", "n_heads", "d_ff", "context_length"):
+            value = getattr(self, name)
+            _require(value > 0, f"{key}.{name}", f"must be positive, got {value}")
+        _require(self.d_model % self.n_heads == 0, f"{key}.d_model",
+                 f"({self.d_model}) must be divisible by {key}.n_heads ({self.n_heads})")
+        _require((self.d_model // self.n_heads) % 2 == 0, f"{key}.n_heads",
+                 f"must leave an even head size for rotary embeddings, got d_model / n_heads = "
+                 f"{self.d_model / self.n_heads}")
+        _require(self.rope_theta > 0, f"{key}.rope_theta", f"must be positive, got {self.rope_theta}")
+        _require(0 < self.norm_eps < 1, f"{key}.norm_eps", f"must be in (0, 1), got {self.norm_eps}")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    steps: int
+    batch_size: int  # sequences per micro-batch, across all processes
+    grad_accum: int  # micro-batches per optimizer step
+    lr: float
+    min_lr: float  # cosine decay ends here
+    warmup_steps: int
+    weight_decay: float  # on matrices only
+    beta1: float
+    beta2: float
+    grad_clip: float
+    log_every: int
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int
+    device: str  # auto (CUDA when present), cpu or cuda
+    bf16: bool  # bf16 autocast on CUDA; CPU always trains in fp32
+    compile: bool  # torch.compile on CUDA
+
+    def check(self, key):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "checkpoint_every"):
+            value = getattr(self, name)
+            _require(value > 0, f"{key}.{name}", f"must be positive, got {value}")
+        _require(self.lr > 0, f"{key}.lr", f"must be positive, got {self.lr}")
+        _require(0 <= self.min_lr <= self.lr, f"{key}.min_lr", f"must be in [0, {key}.lr = {self.lr}], got {self.min_lr}")
+        _require(0 <= self.warmup_steps <= self.steps, f"{key}.warmup_steps",
+                 f"must be in [0, {key}.steps = {self.steps}], got {self.warmup_steps}")
+        _require(self.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"{key}.{name}", f"must be in [0, 1), got {value}")
+        _require(self.grad_clip > 0, f"{key}.grad_clip", f"must be positive, got {self.grad_clip}")
+        _require(self.device in ("auto", "cpu", "cuda"), f"{key}.device",
+                 f"must be one of auto, cpu, cuda, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int
+    eval_batches: int
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+
+    def check(self, key):
+        for name in ("batch_size", "eval_batches", "max_new_tokens", "top_k"):
+            value = getattr(self, name)
+            _require(value > 0, f"{key}.{name}", f"must be positive, got {value}")
+        _require(self.temperature >= 0, f"{key}.temperature", f"must be >= 0 (0 is greedy), got {self.temperature}")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     wikipedia: WikipediaParams
@@ -84,6 +160,10 @@ class Params:
     dialog: DialogParams
     combine: CombineParams
     tokenizer: TokenizerParams
+    model: ModelParams
+    pretrain: TrainParams
+    finetune: TrainParams
+    evaluate: EvaluateParams
 
 
 def _type_name(kind):

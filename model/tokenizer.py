@@ -117,6 +117,14 @@ class Tokenizer:
     def decode(self, ids):
         return self.sp.decode(list(ids))
 
+    def document_prompt(self, text):
+        """Ids for continuing `text` as a fresh document (training put <|endoftext|> before each)."""
+        return [END_OF_TEXT_ID] + self.sp.encode(text)
+
+    def chat_prompt(self, turns):
+        """Ids of a conversation so far (user first), ending where the assistant's reply starts."""
+        return self.sp.encode(render_chat(turns) + f"{ASSISTANT if len(turns) % 2 else USER}\n")
+
     def encode_chat(self, turns):
         """Token ids of a rendered dialogue + <|endoftext|>, and a 0/1 mask of assistant reply tokens.
 

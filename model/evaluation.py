@@ -1,0 +1,66 @@
+"""Held-out evaluation (loss and bits per byte) and fixed-prompt completions."""
+
+import math
+
+import numpy as np
+import torch
+
+from model.corpus import SOURCES
+from model.encoding import load_dialogues, load_meta, load_tokens
+from model.generate import generate
+from model.training import bits_per_byte, dialogue_batch, evaluation_windows, mean_loss
+
+BASE_PROMPTS = ("Albert Einstein was born in", "The capital of France is", "The Roman Empire was")
+CHAT_PROMPTS = ("Hello", "How are you?", "What is your name?")
+
+
+def heldout_evaluator(token_dir, context_length, batch_size, n_batches):
+    """evaluate(model) -> loss and bits per byte on each source's held-out split."""
+    meta = load_meta(token_dir)["splits"]
+    batches = {
+        source: list(evaluation_windows(load_tokens(token_dir, f"val_{source}"), n_batches, batch_size, context_length))
+        for source in SOURCES
+    }
+
+    def evaluate(model):
+        device = model.rope_cos.device
+        metrics = {}
+        for source in SOURCES:
+            loss = mean_loss(model, batches[source], device)
+            split = meta[f"val_{source}"]
+            metrics[f"val/{source}/loss"] = loss
+            metrics[f"val/{source}/bpb"] = bits_per_byte(loss, split["tokens"], split["bytes"])
+        return metrics
+
+    return evaluate
+
+
+def dialog_evaluator(token_dir, split, context_length, batch_size, n_batches):
+    """evaluate(model) -> loss on assistant tokens and bits per byte of their text, on a dialogue split."""
+    tokens, mask, offsets = load_dialogues(token_dir, split)
+    n_dialogues = min(len(offsets) - 1, n_batches * batch_size)
+    picks = np.array_split(np.arange(n_dialogues), math.ceil(n_dialogues / batch_size))
+    batches = [dialogue_batch(tokens, mask, offsets, chunk, context_length) for chunk in picks]
+    meta = load_meta(token_dir)["splits"][f"dialog_{split}"]
+
+    def evaluate(model):
+        loss = mean_loss(model, batches, model.rope_cos.device)
+        return {
+            "val/dialog/loss": loss,
+            "val/dialog/bpb": bits_per_byte(loss, meta["assistant_tokens"], meta["assistant_bytes"]),
+        }
+
+    return evaluate
+
+
+@torch.no_grad()
+def completions(model, tokenizer, chat, params, seed):
+    """[(prompt, completion)] for the fixed prompts: base prompts continue a document, chat prompts
+    get the assistant's reply."""
+    results = []
+    for prompt in CHAT_PROMPTS if chat else BASE_PROMPTS:
+        prompt_ids = tokenizer.chat_prompt([prompt]) if chat else tokenizer.document_prompt(prompt)
+        new_ids = generate(model, prompt_ids, params.max_new_tokens, params.temperature, params.top_k,
+                           seed=seed, stop_ids=(tokenizer.eot_id,))
+        results.append((prompt, tokenizer.decode([i for i in new_ids if i != tokenizer.eot_id])))
+    return results

@@ -1,0 +1,42 @@
+"""Stage finetune: teach the pretrained model the chat format, with loss on assistant replies only.
+
+usage: python -m stages.finetune TOKENS_DIR TOKENIZER_MODEL PRETRAINED_DIR CHECKPOINT OUT_MODEL_DIR LIVE_DIR
+"""
+
+import hashlib
+import sys
+from pathlib import Path
+
+from model.encoding import load_dialogues, load_meta
+from model.evaluation import dialog_evaluator
+from model.gpt import load_model
+from model.params import load_params
+from model.tokenizer import Tokenizer
+from model.training import TrainingError, batch_rng, checkpoint_identity, dialogue_batch, train
+
+
+def main(token_dir, tokenizer_model, pretrained_dir, checkpoint, out_dir, live_dir):
+    params = load_params()
+    train_params = params.finetune
+    tokenizer = Tokenizer(tokenizer_model)
+    model = load_model(pretrained_dir)
+    if model.config.vocab_size != tokenizer.vocab_size:
+        raise TrainingError(f"{pretrained_dir} has a vocabulary of {model.config.vocab_size} tokens but "
+                            f"{tokenizer_model} has {tokenizer.vocab_size}: rerun pretrain with this tokenizer")
+    context_length = model.config.context_length
+    tokens, mask, offsets = load_dialogues(token_dir, "train")
+    evaluate = dialog_evaluator(token_dir, "validation", context_length, train_params.batch_size,
+                                train_params.eval_batches)
+
+    def sample_batch(step, micro):
+        rng = batch_rng(params.seed, step, micro)
+        picks = rng.integers(0, len(offsets) - 1, size=train_params.batch_size)
+        return dialogue_batch(tokens, mask, offsets, picks, context_length, rng)
+
+    base = hashlib.sha256(Path(pretrained_dir, "model.safetensors").read_bytes()).hexdigest()
+    identity = checkpoint_identity(model.config, train_params, params.seed, {"tokens": load_meta(token_dir), "base": base})
+    train(model, train_params, sample_batch, evaluate, checkpoint, live_dir, out_dir, identity, "finetune")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,41 @@
+"""Stage pretrain: train the model from scratch on the token arrays; resumes from its checkpoint.
+
+usage: python -m stages.pretrain TOKENS_DIR TOKENIZER_MODEL CHECKPOINT OUT_MODEL_DIR LIVE_DIR
+(several processes or GPUs: torchrun --nproc_per_node N -m stages.pretrain ...)
+"""
+
+import sys
+from dataclasses import asdict
+
+import torch
+
+from model.encoding import load_meta, load_tokens
+from model.evaluation import heldout_evaluator
+from model.gpt import GPT, GPTConfig
+from model.params import load_params
+from model.tokenizer import Tokenizer
+from model.training import TrainingError, batch_rng, checkpoint_identity, pretraining_batch, train
+
+
+def main(token_dir, tokenizer_model, checkpoint, out_dir, live_dir):
+    params = load_params()
+    train_params, context_length = params.pretrain, params.model.context_length
+    config = GPTConfig(vocab_size=Tokenizer(tokenizer_model).vocab_size, **asdict(params.model))
+    tokens = load_tokens(token_dir, "train")
+    if len(tokens) <= context_length:
+        raise TrainingError(f"model.context_length = {context_length} is longer than the training data "
+                            f"({len(tokens)} tokens)")
+    evaluate = heldout_evaluator(token_dir, context_length, train_params.batch_size, train_params.eval_batches)
+
+    def sample_batch(step, micro):
+        return pretraining_batch(tokens, batch_rng(params.seed, step, micro), train_params.batch_size, context_length)
+
+    torch.manual_seed(params.seed)
+    model = GPT(config)
+    print(f"pretrain: {model.num_parameters() / 1e6:.2f}M parameters")
+    identity = checkpoint_identity(config, train_params, params.seed, load_meta(token_dir))
+    train(model, train_params, sample_batch, evaluate, checkpoint, live_dir, out_dir, identity, "pretrain")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

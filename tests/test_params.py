@@ -1,0 +1,109 @@
+"""params.yaml schema: the shipped profiles load, and every bad value fails with an error naming its key."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from model.params import MAX_UINT16_VOCAB, MIN_VOCAB, Params, ParamsError, load_params, parse_params
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def raw():
+    """A valid params mapping to break one key at a time: the repo's own params.yaml as YAML reads it."""
+    with open(REPO_ROOT / "params.yaml", encoding="utf-8") as f:
+        return copy.deepcopy(yaml.safe_load(f))
+
+
+def _error(raw):
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "configs/ryangpt.yaml"])
+def test_load_params_accepts_the_shipped_profiles(path):
+    params = load_params(REPO_ROOT / path)
+    assert isinstance(params, Params)
+    assert MIN_VOCAB <= params.tokenizer.vocab_size <= MAX_UINT16_VOCAB
+
+
+def test_parse_params_returns_the_values_of_the_mapping(raw):
+    params = parse_params(raw)
+    assert params.seed == raw["seed"]
+    assert params.wikipedia.max_bytes == raw["wikipedia"]["max_bytes"]
+    assert params.tokenizer.vocab_size == raw["tokenizer"]["vocab_size"]
+    assert params.combine.val_fraction == pytest.approx(raw["combine"]["val_fraction"])
+
+
+def test_unknown_top_level_key_is_named(raw):
+    raw["tokeniser"] = {"vocab_size": 1024}
+    assert "tokeniser" in _error(raw)
+
+
+def test_unknown_key_in_a_section_is_named_with_its_section(raw):
+    raw["wikipedia"]["maxbytes"] = 1000
+    assert "wikipedia.maxbytes" in _error(raw)
+
+
+def test_missing_key_in_a_section_is_named(raw):
+    del raw["c4"]["min_chars"]
+    message = _error(raw)
+    assert "c4.min_chars" in message
+    assert "missing" in message
+
+
+def test_missing_section_is_named(raw):
+    del raw["combine"]
+    message = _error(raw)
+    assert "combine" in message
+    assert "missing" in message
+
+
+def test_string_where_an_integer_belongs_is_named(raw):
+    raw["tokenizer"]["vocab_size"] = "2048"
+    assert "tokenizer.vocab_size" in _error(raw)
+
+
+def test_bool_where_an_integer_belongs_is_named(raw):
+    raw["wikipedia"]["min_chars"] = True
+    assert "wikipedia.min_chars" in _error(raw)
+
+
+def test_bool_seed_is_rejected(raw):
+    raw["seed"] = False
+    assert "seed" in _error(raw)
+
+
+@pytest.mark.parametrize("section", ["wikipedia", "c4"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_non_positive_max_bytes_is_named(raw, section, value):
+    raw[section]["max_bytes"] = value
+    assert f"{section}.max_bytes" in _error(raw)
+
+
+@pytest.mark.parametrize("value", [MIN_VOCAB - 1, MAX_UINT16_VOCAB + 1])
+def test_vocab_size_outside_uint16_range_is_named(raw, value):
+    raw["tokenizer"]["vocab_size"] = value
+    assert "tokenizer.vocab_size" in _error(raw)
+
+
+@pytest.mark.parametrize("value", [MIN_VOCAB, MAX_UINT16_VOCAB])
+def test_vocab_size_bounds_are_inclusive(raw, value):
+    raw["tokenizer"]["vocab_size"] = value
+    assert parse_params(raw).tokenizer.vocab_size == value
+
+
+@pytest.mark.parametrize("value", [0, 0.5, 0.7])
+def test_val_fraction_outside_open_interval_is_named(raw, value):
+    raw["combine"]["val_fraction"] = value
+    assert "combine.val_fraction" in _error(raw)
+
+
+def test_empty_string_source_is_named(raw):
+    raw["dialog"]["source"] = ""
+    assert "dialog.source" in _error(raw)
+
