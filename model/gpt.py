@@ -58,27 +58,30 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Keys and values of every layer for up to `batch_size` sequences of up to `max_length` tokens.
 
-    Row b of a batch reads and writes row b of the cache; each token is written at its own
-    position, so the rows of one batch may be at different lengths (the server relies on this).
+    A forward pass of B rows uses cache rows first_row .. first_row + B - 1. Each token is written
+    at its own position, so the rows of one batch may be at different lengths: the server decodes
+    many requests together this way, and prefills a new one into a free row (first_row = row).
     """
 
     def __init__(self, config, batch_size, max_length, device=None, dtype=torch.float32):
         shape = (config.n_layers, batch_size, config.n_heads, max_length, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_length = max_length
+        self.first_row = 0
 
     def update(self, layer, keys, values, positions):
         """Stores (B, H, T, D) keys / values at `positions` (B, T); returns all keys, values and the mask."""
-        rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
-        self.keys[layer, rows, :, positions] = keys.transpose(1, 2)
-        self.values[layer, rows, :, positions] = values.transpose(1, 2)
+        batch = keys.shape[0]
+        rows = slice(self.first_row, self.first_row + batch)
+        row_index = torch.arange(rows.start, rows.stop, device=keys.device)[:, None]
+        self.keys[layer, row_index, :, positions] = keys.transpose(1, 2)
+        self.values[layer, row_index, :, positions] = values.transpose(1, 2)
         length = int(positions.max()) + 1
         visible = torch.arange(length, device=keys.device) <= positions[:, None, :, None]  # (B, 1, T, length)
-        batch = keys.shape[0]
-        return self.keys[layer, :batch, :, :length], self.values[layer, :batch, :, :length], visible
+        return self.keys[layer, rows, :, :length], self.values[layer, rows, :, :length], visible
 
-    def copy_row(self, source, target):
+    def move_row(self, source, target):
+        """Copies one sequence's cache row to another row (the server keeps its active rows packed)."""
         self.keys[:, target] = self.keys[:, source]
         self.values[:, target] = self.values[:, source]
 

@@ -96,8 +96,14 @@ def sample_lines():
 
 
 @pytest.fixture(scope="session")
-def tokenizer_model_bytes(sample_lines):
-    return train_bpe(sample_lines, TEST_VOCAB_SIZE, TEST_SEED)
+def bpe_settings():
+    """(vocab_size, seed) of the session's test tokenizer."""
+    return TEST_VOCAB_SIZE, TEST_SEED
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model_bytes(sample_lines, bpe_settings):
+    return train_bpe(sample_lines, *bpe_settings)
 
 
 @pytest.fixture(scope="session")

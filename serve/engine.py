@@ -1,0 +1,158 @@
+"""Continuous batching: one thread per model decodes every active request together.
+
+Each request owns a row of a shared KV cache. A new request is prefilled into the next free row,
+then joins the batch: one forward pass per step produces the next token of every active row. A
+finished (or abandoned) request leaves at once and the last row moves into its place, so the
+active rows stay packed at the top of the cache and each step computes only what is needed.
+The HTTP side never waits on the model: tokens arrive through an asyncio queue.
+"""
+
+import asyncio
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from model.generate import sample
+from model.gpt import KVCache
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_tokens: int = 0
+    stop: tuple = ()
+    seed: int | None = None
+
+
+@dataclass
+class Event:
+    """A piece of new text; the last event of a request also carries finish_reason."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list
+    sampling: Sampling
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    new_ids: list = field(default_factory=list)
+    sent_chars: int = 0
+    finish_reason: str | None = None
+    cancelled: bool = False
+    generator: torch.Generator = None
+
+    def send(self, event):
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+def _unsafe_tail(text, stops):
+    """Characters at the end of `text` that may still grow into a stop string (held back)."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if stop.startswith(text[-size:]):
+                longest = size
+                break
+    return longest
+
+
+class Engine:
+    def __init__(self, model, tokenizer, max_batch):
+        self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.context_length = model.config.context_length
+        self.cache = KVCache(model.config, max_batch, self.context_length)
+        self.waiting = queue.Queue()
+        self.active = []  # active[i] decodes in cache row i
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt_ids, sampling):
+        """Queues a generation; read its Events from `request.events` (on the calling event loop)."""
+        request = Request(list(prompt_ids), sampling, asyncio.get_running_loop())
+        seed = sampling.seed if sampling.seed is not None else torch.seed()
+        request.generator = torch.Generator().manual_seed(seed)
+        self.waiting.put(request)
+        return request
+
+    def _run(self):
+        with torch.inference_mode():
+            while True:
+                if not self.active:
+                    self._admit(self.waiting.get())
+                while len(self.active) < self.max_batch and not self.waiting.empty():
+                    self._admit(self.waiting.get_nowait())
+                if self.active:
+                    self._decode_step()
+
+    def _admit(self, request):
+        if request.cancelled:
+            return
+        row = len(self.active)
+        self.cache.first_row = row
+        prompt = torch.tensor([request.prompt_ids])
+        logits, _ = self.model(prompt, cache=self.cache, positions=torch.arange(prompt.shape[1])[None])
+        self.active.append(request)
+        self._next_token(request, logits[0, -1])
+        self._drop_finished()
+
+    def _decode_step(self):
+        self.cache.first_row = 0
+        tokens = torch.tensor([[request.new_ids[-1]] for request in self.active])
+        positions = torch.tensor([[len(request.prompt_ids) + len(request.new_ids) - 1] for request in self.active])
+        logits, _ = self.model(tokens, cache=self.cache, positions=positions)
+        for request, row_logits in zip(self.active, logits[:, -1]):
+            self._next_token(request, row_logits)
+        self._drop_finished()
+
+    def _next_token(self, request, logits):
+        """Samples the request's next token and sends the text it completes."""
+        if request.cancelled:
+            request.finish_reason = "cancelled"
+            return
+        sampling = request.sampling
+        if len(request.new_ids) < sampling.min_tokens:
+            logits[self.tokenizer.eot_id] = float("-inf")
+        token = int(sample(logits[None].float(), sampling.temperature, sampling.top_k, sampling.top_p,
+                           request.generator))
+        request.new_ids.append(token)
+        finish_reason = None
+        if token == self.tokenizer.eot_id:
+            finish_reason, ids = "stop", request.new_ids[:-1]
+        else:
+            ids = request.new_ids
+        text = self.tokenizer.decode(ids)
+        for stop in sampling.stop:
+            at = text.find(stop, max(0, request.sent_chars - len(stop)))
+            if at != -1:
+                text, finish_reason = text[:at], "stop"
+        if finish_reason is None and (len(request.new_ids) >= sampling.max_tokens
+                                      or len(request.prompt_ids) + len(request.new_ids) >= self.context_length):
+            finish_reason = "length"
+        if finish_reason is None:
+            # Hold back an unfinished UTF-8 character (decoded as U+FFFD) and a possible stop prefix.
+            text = text.rstrip("\ufffd")
+            text = text[: len(text) - _unsafe_tail(text, sampling.stop)]
+        delta = text[request.sent_chars :]
+        request.sent_chars = max(request.sent_chars, len(text))
+        request.finish_reason = finish_reason
+        if delta or finish_reason:
+            completion_tokens = len(request.new_ids) - (token == self.tokenizer.eot_id)
+            request.send(Event(delta, completion_tokens, finish_reason))
+
+    def _drop_finished(self):
+        for row in range(len(self.active) - 1, -1, -1):
+            if self.active[row].finish_reason is not None:
+                last = len(self.active) - 1
+                if row != last:
+                    self.cache.move_row(last, row)
+                    self.active[row] = self.active[last]
+                self.active.pop()

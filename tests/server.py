@@ -1,0 +1,30 @@
+"""Runs the real server (uvicorn, real sockets) in a background thread for the tests."""
+
+import threading
+import time
+
+import uvicorn
+
+from serve.app import create_app
+
+
+class RunningServer:
+    def __init__(self, models_dir, **options):
+        config = uvicorn.Config(create_app(models_dir, **options), host="127.0.0.1", port=0, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

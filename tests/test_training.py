@@ -1,0 +1,558 @@
+"""The training loop: it learns, its schedule, the finetune loss mask, checkpoints and resuming,
+non-finite losses, DDP on gloo, and the training params' checks.
+
+Run as a script (`torchrun --nproc_per_node 2 tests/test_training.py OUT_DIR`) this file is also the
+DDP worker of `test_two_gloo_processes_train_like_one_process_with_the_same_global_batch`.
+"""
+
+import copy
+import math
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # as a torchrun worker script
+    sys.path.insert(0, str(REPO_ROOT))
+
+from model.encoding import encode_dialogues  # noqa: E402
+from model.gpt import GPT, IGNORE_INDEX, GPTConfig  # noqa: E402
+from model.params import ParamsError, TrainParams, parse_params  # noqa: E402
+from model.tokenizer import ASSISTANT_ID, END_OF_TEXT_ID, USER_ID, Tokenizer, train_bpe  # noqa: E402
+from model.training import (  # noqa: E402
+    TrainingError,
+    batch_rng,
+    checkpoint_identity,
+    dialogue_batch,
+    evaluation_windows,
+    learning_rate,
+    mean_loss,
+    pretraining_batch,
+    resume_state,
+    train,
+)
+
+VOCAB = 128
+CONTEXT = 16
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_scratch_cwd(tmp_path, monkeypatch):
+    """Tiny models run fastest on one thread; dvclive writes nothing into the repo."""
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- fixtures: a Markov chain, a tiny model, training params --------------------------------------
+
+
+def successor_table(seed=0):
+    """Each token has two distinct successors, each taken with probability 1/2: entropy ln 2 per token."""
+    rng = np.random.default_rng(seed)
+    first = rng.permutation(VOCAB)
+    second = (first + 1 + rng.integers(0, VOCAB - 1, size=VOCAB)) % VOCAB
+    return np.stack([first, second], axis=1)
+
+
+def markov_chain(n_tokens, seed, table_seed=0):
+    table = successor_table(table_seed)
+    coins = np.random.default_rng(seed).integers(0, 2, size=n_tokens)
+    tokens = np.empty(n_tokens, dtype=np.uint16)  # the dtype of the real token arrays
+    tokens[0] = 0
+    for i in range(1, n_tokens):
+        tokens[i] = table[tokens[i - 1], coins[i]]
+    return tokens
+
+
+def tiny_config(**overrides):
+    values = dict(vocab_size=VOCAB, context_length=CONTEXT, n_layers=2, d_model=32, n_heads=4, d_ff=64,
+                  tie_embeddings=True, rope_theta=10000.0, norm_eps=1e-5)
+    values.update(overrides)
+    return GPTConfig(**values)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**overrides))
+
+
+def train_params(**overrides):
+    values = dict(steps=8, batch_size=4, grad_accum=1, lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.1,
+                  beta1=0.9, beta2=0.95, grad_clip=1.0, log_every=2, eval_every=4, eval_batches=2,
+                  checkpoint_every=4, device="cpu", bf16=False, compile=False)
+    values.update(overrides)
+    return TrainParams(**values)
+
+
+def chain_sampler(tokens, params, seed=0, context=CONTEXT):
+    def sample_batch(step, micro):
+        return pretraining_batch(tokens, batch_rng(seed, step, micro), params.batch_size, context)
+
+    return sample_batch
+
+
+def run_train(run_dir, model, params, sample_batch, evaluate=None, identity=None, checkpoint=None):
+    """train() with its outputs under `run_dir`; returns the final metrics."""
+    run_dir = Path(run_dir)
+    identity = identity if identity is not None else checkpoint_identity(model.config, params, 0, {"data": "chain"})
+    return train(model, params, sample_batch, evaluate or (lambda model: {}),
+                 checkpoint or run_dir / "checkpoint.safetensors", run_dir / "live", run_dir / "model", identity,
+                 "test")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"tensor {name} differs"
+
+
+# --- learning --------------------------------------------------------------------------------------
+
+
+def test_training_loss_falls_to_the_entropy_floor_of_a_markov_chain(tmp_path):
+    train_tokens, heldout = markov_chain(40000, seed=1), markov_chain(4000, seed=2)
+    batches = list(evaluation_windows(heldout, 4, 8, CONTEXT))
+
+    def evaluate(model):
+        return {"val/loss": mean_loss(model, batches, CPU)}
+
+    model = tiny_model(seed=3)
+    params = train_params(steps=60, batch_size=8, lr=3e-2, min_lr=3e-3, warmup_steps=5, weight_decay=0.0,
+                          log_every=10, eval_every=60, checkpoint_every=60)
+    initial = evaluate(model)["val/loss"]
+    final = run_train(tmp_path, model, params, chain_sampler(train_tokens, params), evaluate)["val/loss"]
+    floor = math.log(2)
+    assert initial > math.log(VOCAB) - 0.5  # an untrained model is near uniform
+    assert final < initial - 3.0
+    assert floor - 0.05 < final < floor + 0.3
+
+
+def test_training_saves_the_final_model_and_a_complete_checkpoint(tmp_path):
+    from model.gpt import load_model
+
+    model = tiny_model()
+    params = train_params(steps=4)
+    run_train(tmp_path, model, params, chain_sampler(markov_chain(2000, seed=1), params))
+    saved = load_model(tmp_path / "model")
+    assert_same_weights(saved.weights(), model.weights())
+    with safe_open(tmp_path / "checkpoint.safetensors", framework="pt") as f:
+        metadata = f.metadata()
+    assert (metadata["step"], metadata["complete"]) == ("4", "1")
+
+
+# --- the learning-rate schedule --------------------------------------------------------------------
+
+
+def test_learning_rate_warmup_starts_small_and_peaks_at_the_end_of_warmup():
+    params = train_params(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    rates = [learning_rate(step, params) for step in range(10)]
+    assert rates[0] == pytest.approx(params.lr / params.warmup_steps)
+    assert all(a < b for a, b in zip(rates, rates[1:]))
+    assert rates[-1] == pytest.approx(params.lr)
+    assert learning_rate(params.warmup_steps, params) == pytest.approx(params.lr)
+
+
+def test_learning_rate_decays_by_cosine_to_min_lr_at_the_last_step():
+    params = train_params(steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    rates = [learning_rate(step, params) for step in range(10, 101)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert learning_rate(params.steps, params) == pytest.approx(params.min_lr)
+    halfway = params.warmup_steps + (params.steps - params.warmup_steps) // 2
+    assert learning_rate(halfway, params) == pytest.approx((params.lr + params.min_lr) / 2)
+
+
+def test_learning_rate_without_warmup_starts_at_the_peak():
+    params = train_params(steps=50, lr=2e-3, min_lr=0.0, warmup_steps=0)
+    assert learning_rate(0, params) == pytest.approx(params.lr)
+    assert learning_rate(50, params) == pytest.approx(0.0, abs=1e-12)
+
+
+# --- batches ---------------------------------------------------------------------------------------
+
+
+def test_pretraining_batch_targets_are_the_inputs_shifted_by_one():
+    tokens = np.arange(1000, dtype=np.uint16)
+    inputs, targets = pretraining_batch(tokens, batch_rng(0, 3, 0), 6, CONTEXT)
+    assert inputs.shape == targets.shape == (6, CONTEXT)
+    assert inputs.dtype == targets.dtype == torch.int64
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    assert torch.equal(targets - inputs, torch.ones_like(inputs))  # contiguous windows of 0..999
+
+
+def test_batches_are_a_pure_function_of_seed_step_and_micro_batch():
+    tokens = markov_chain(3000, seed=1)
+    a = pretraining_batch(tokens, batch_rng(7, 5, 1), 4, CONTEXT)
+    b = pretraining_batch(tokens, batch_rng(7, 5, 1), 4, CONTEXT)
+    c = pretraining_batch(tokens, batch_rng(7, 6, 1), 4, CONTEXT)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_evaluation_windows_on_too_short_a_split_name_the_context_length():
+    with pytest.raises(TrainingError, match="context_length"):
+        list(evaluation_windows(np.arange(CONTEXT, dtype=np.uint16), 2, 2, CONTEXT))
+
+
+# --- the finetune loss mask ------------------------------------------------------------------------
+
+SUBJECTS = ["The old baker", "My cousin", "A tired pilot", "Our neighbour", "The young painter", "Every student",
+            "That quiet farmer", "The museum guide", "A clever fox", "Her brother", "The night nurse",
+            "Some musicians", "The river captain", "A curious child", "The shop owner"]
+VERBS = ["carried", "painted", "borrowed", "repaired", "forgot", "described", "ordered", "found", "sold",
+         "cleaned", "measured", "hid", "wrapped", "followed", "watched"]
+OBJECTS = ["a basket of pears", "the blue bicycle", "three wooden chairs", "an umbrella", "the morning paper",
+           "a map of the valley", "two loaves of bread", "the broken clock", "a jar of honey", "the garden gate",
+           "seven paper lanterns", "a winter coat", "the kitchen table", "an old violin", "a box of nails"]
+ENDINGS = ["yesterday.", "before lunch.", "after the storm.", "at the market.", "on Sunday.", "for the party.",
+           "without a word.", "near the station.", "in the rain.", "by the lake."]
+
+
+def made_up_sentences(n, seed):
+    rng = np.random.default_rng(seed)
+    sentences = set()
+    while len(sentences) < n:
+        parts = [words[rng.integers(len(words))] for words in (SUBJECTS, VERBS, OBJECTS, ENDINGS)]
+        sentences.add(" ".join(parts))
+    return sorted(sentences)
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.model"
+    path.write_bytes(train_bpe(made_up_sentences(400, seed=0), vocab_size=400, seed=1))
+    return Tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def dialogues():
+    """20 dialogues of 2 to 5 turns (some end on the user, some on the assistant)."""
+    sentences = made_up_sentences(120, seed=1)
+    rng = np.random.default_rng(2)
+    return [[sentences[i] for i in rng.choice(len(sentences), size=int(rng.integers(2, 6)), replace=False)]
+            for _ in range(20)]
+
+
+@pytest.fixture(scope="module")
+def dialogue_arrays(chat_tokenizer, dialogues):
+    """(tokens, mask, offsets) as the encode stage stores them."""
+    return encode_dialogues(chat_tokenizer, dialogues)
+
+
+def dialogue_ids(arrays, index):
+    tokens, _, offsets = arrays
+    return tokens[offsets[index] : offsets[index + 1]].astype(np.int64)
+
+
+def test_dialogue_batch_targets_are_the_next_token_exactly_on_assistant_replies(
+        chat_tokenizer, dialogues, dialogue_arrays):
+    picks = np.arange(len(dialogues))
+    inputs, targets = dialogue_batch(*dialogue_arrays, picks, context_length=512)
+    for row, pick in enumerate(picks):
+        ids = dialogue_ids(dialogue_arrays, pick)
+        n = len(ids) - 1
+        assert inputs[row, :n].tolist() == ids[:-1].tolist()
+        kept = (targets[row, :n] != IGNORE_INDEX).numpy()
+        assert targets[row, :n][kept].tolist() == ids[1:][kept].tolist()
+        # The kept targets spell the assistant's replies, each with its newlines, and nothing else.
+        replies = "".join(f"\n{reply}\n" for reply in dialogues[pick][1::2])
+        assert chat_tokenizer.decode(targets[row, :n][kept].tolist()) == replies
+        # The closing <|endoftext|> is learned only after an assistant reply.
+        assert kept[-1] == (len(dialogues[pick]) % 2 == 0)
+        assert ids[-1] == END_OF_TEXT_ID
+
+
+def test_dialogue_batch_ignores_user_turns_and_role_tokens(chat_tokenizer, dialogues, dialogue_arrays):
+    picks = np.arange(len(dialogues))
+    inputs, targets = dialogue_batch(*dialogue_arrays, picks, context_length=512)
+    for row, pick in enumerate(picks):
+        ids = dialogue_ids(dialogue_arrays, pick)
+        n = len(ids) - 1
+        ignored = (targets[row, :n] == IGNORE_INDEX).numpy()
+        next_ids = ids[1:]
+        role_positions = np.isin(next_ids, [USER_ID, ASSISTANT_ID])
+        assert role_positions.sum() == len(dialogues[pick]) - 1  # every role token but the first is a target slot
+        assert ignored[role_positions].all()
+        ignored_text = chat_tokenizer.decode([int(i) for i in next_ids[ignored] if i not in (USER_ID, ASSISTANT_ID)])
+        for user_turn in dialogues[pick][0::2]:
+            assert user_turn in ignored_text
+        for reply in dialogues[pick][1::2]:
+            assert reply not in ignored_text
+
+
+def test_dialogue_batch_pads_short_rows_with_ignored_targets(dialogues, dialogue_arrays):
+    picks = np.arange(len(dialogues))
+    lengths = [len(dialogue_ids(dialogue_arrays, p)) for p in picks]
+    assert len(set(lengths)) > 1
+    inputs, targets = dialogue_batch(*dialogue_arrays, picks, context_length=512, pad_id=5)
+    assert inputs.shape == targets.shape == (len(picks), max(lengths) - 1)
+    for row, length in enumerate(lengths):
+        assert (inputs[row, length - 1 :] == 5).all()
+        assert (targets[row, length - 1 :] == IGNORE_INDEX).all()
+
+
+def test_dialogue_batch_rows_never_cross_into_the_next_dialogue(dialogue_arrays):
+    tokens, mask, offsets = dialogue_arrays
+    n_dialogues = len(offsets) - 1
+    context = 12
+    assert max(np.diff(offsets)) > context + 1  # some dialogues need a window
+    for step in range(10):
+        rng = batch_rng(0, step, 0)
+        picks = rng.integers(0, n_dialogues, size=8)
+        inputs, targets = dialogue_batch(tokens, mask, offsets, picks, context, rng)
+        assert inputs.shape[1] <= context
+        for row, pick in enumerate(picks):
+            ids = dialogue_ids(dialogue_arrays, pick)
+            reply = mask[offsets[pick] : offsets[pick + 1]]
+            width = min(len(ids) - 1, context)
+            # The row's inputs are a window of its own dialogue, with room for the last target inside it...
+            starts = [s for s in range(len(ids) - width) if ids[s : s + width].tolist() == inputs[row, :width].tolist()]
+            assert starts, f"row {row} is not a window of dialogue {pick}"
+            s = starts[0]
+            # ...and its targets are that window's next tokens where they are assistant replies.
+            expected = np.where(reply[s + 1 : s + width + 1] == 1, ids[s + 1 : s + width + 1], IGNORE_INDEX)
+            assert targets[row, :width].tolist() == expected.tolist()
+            # A dialogue's <|endoftext|> ends it: it is never an input, which it would be for a crossing row.
+            assert END_OF_TEXT_ID not in inputs[row, :width].tolist()
+
+
+# --- checkpoints and resuming ----------------------------------------------------------------------
+
+
+class Interrupted(Exception):
+    """Stands in for a kill: raised from inside the training loop."""
+
+
+def interrupt_at(sample_batch, stop_step):
+    def interrupted(step, micro):
+        if step == stop_step:
+            raise Interrupted(f"stopped at step {step}")
+        return sample_batch(step, micro)
+
+    return interrupted
+
+
+@pytest.fixture(scope="module")
+def resume_runs(tmp_path_factory):
+    """An uninterrupted 8-step run, and one interrupted at step 5 (checkpoint at 4) then resumed."""
+    torch.set_num_threads(1)
+    tokens = markov_chain(4000, seed=1)
+    heldout = list(evaluation_windows(markov_chain(1000, seed=2), 2, 4, CONTEXT))
+    params = train_params(steps=8, grad_accum=2, checkpoint_every=4, eval_every=4, log_every=2)
+    sample_batch = chain_sampler(tokens, params)
+
+    def evaluate(model):
+        return {"val/loss": mean_loss(model, heldout, CPU)}
+
+    straight_dir, resumed_dir = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
+    straight = tiny_model(seed=0)
+    straight_metrics = run_train(straight_dir, straight, params, sample_batch, evaluate)
+
+    with pytest.raises(Interrupted):
+        run_train(resumed_dir, tiny_model(seed=0), params, interrupt_at(sample_batch, 5), evaluate)
+    with safe_open(resumed_dir / "checkpoint.safetensors", framework="pt") as f:
+        interrupted_metadata = f.metadata()
+    resumed = tiny_model(seed=99)  # a different initialisation: the weights must come from the checkpoint
+    resumed_metrics = run_train(resumed_dir, resumed, params, sample_batch, evaluate)
+    return {
+        "straight": straight, "resumed": resumed, "interrupted_metadata": interrupted_metadata,
+        "straight_metrics": straight_metrics, "resumed_metrics": resumed_metrics,
+        "straight_dir": straight_dir, "resumed_dir": resumed_dir,
+    }
+
+
+def test_an_interrupted_run_leaves_an_unfinished_checkpoint_at_the_last_checkpoint_step(resume_runs):
+    metadata = resume_runs["interrupted_metadata"]
+    assert (metadata["step"], metadata["complete"]) == ("4", "0")
+
+
+def test_resumed_run_ends_with_the_bit_identical_weights_of_an_uninterrupted_run(resume_runs):
+    assert_same_weights(resume_runs["resumed"].state_dict(), resume_runs["straight"].state_dict())
+    assert_same_weights(load_file(resume_runs["resumed_dir"] / "model" / "model.safetensors"),
+                        load_file(resume_runs["straight_dir"] / "model" / "model.safetensors"))
+
+
+def test_resumed_run_logs_the_same_history_as_an_uninterrupted_run(resume_runs):
+    assert resume_runs["resumed_metrics"] == resume_runs["straight_metrics"]
+
+    def history(run_dir):
+        with safe_open(run_dir / "checkpoint.safetensors", framework="pt") as f:
+            import json
+
+            rows = json.loads(f.metadata()["history"])
+        return [{k: v for k, v in row.items() if k != "train/tokens_per_second"} for row in rows]
+
+    straight, resumed = history(resume_runs["straight_dir"]), history(resume_runs["resumed_dir"])
+    assert [row["step"] for row in straight] == [2, 4, 6, 8]
+    assert resumed == straight
+
+
+def test_unfinished_checkpoint_from_different_params_is_an_error_naming_the_key(tmp_path):
+    tokens = markov_chain(2000, seed=1)
+    params = train_params(steps=8, checkpoint_every=2)
+    with pytest.raises(Interrupted):
+        run_train(tmp_path, tiny_model(), params, interrupt_at(chain_sampler(tokens, params), 3))
+    changed = replace(params, lr=5e-3)
+    with pytest.raises(TrainingError, match=r"train\.lr") as info:
+        run_train(tmp_path, tiny_model(), changed, chain_sampler(tokens, changed))
+    assert "unfinished" in str(info.value)
+
+
+def test_finished_checkpoint_is_not_resumed(tmp_path):
+    tokens = markov_chain(2000, seed=1)
+    params = train_params(steps=4)
+    run_train(tmp_path, tiny_model(), params, chain_sampler(tokens, params))
+    fresh = tiny_model(seed=5)
+    optimizer = torch.optim.AdamW(fresh.parameters())
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    identity = checkpoint_identity(fresh.config, params, 0, {"data": "chain"})
+    assert resume_state(tmp_path / "checkpoint.safetensors", identity, fresh, optimizer) == (0, [])
+    assert_same_weights(fresh.state_dict(), before)
+
+
+def test_non_finite_loss_is_an_error_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    tokens = markov_chain(2000, seed=1)
+    params = train_params(steps=8, checkpoint_every=2)
+    model = tiny_model()
+    forward = model.forward
+    poisoned_from = 3
+
+    def sample_batch(step, micro):
+        model.poisoned = step >= poisoned_from
+        return chain_sampler(tokens, params)(step, micro)
+
+    def poisoned_forward(tokens, targets=None, **kwargs):
+        logits, loss = forward(tokens, targets, **kwargs)
+        return logits, (loss * float("inf") if model.poisoned and loss is not None else loss)
+
+    model.forward = poisoned_forward
+    with pytest.raises(TrainingError, match=rf"step {poisoned_from}\b"):
+        run_train(tmp_path, model, params, sample_batch)
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    with safe_open(checkpoint, framework="pt") as f:
+        metadata = f.metadata()
+    assert (metadata["step"], metadata["complete"]) == ("2", "0")
+    assert all(torch.isfinite(t).all() for t in load_file(checkpoint).values())
+    assert not (tmp_path / "model").exists()
+
+
+# --- DDP on gloo -----------------------------------------------------------------------------------
+
+DDP_STEPS = 4
+
+
+def ddp_setup():
+    """Model, params and sample_batch of the DDP comparison; masks leave the two halves of each
+    micro-batch with different numbers of target tokens, so the per-process weighting matters."""
+    params = train_params(steps=DDP_STEPS, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=1,
+                          checkpoint_every=2, log_every=2, eval_every=DDP_STEPS)
+    tokens = markov_chain(4000, seed=1)
+    plain = chain_sampler(tokens, params)
+
+    def sample_batch(step, micro):
+        inputs, targets = plain(step, micro)
+        targets = targets.clone()
+        for row in range(len(targets)):
+            targets[row, : 3 * row] = IGNORE_INDEX  # rows 0-1 (process 0) keep more targets than rows 2-3
+        return inputs, targets
+
+    return tiny_model(seed=4), params, sample_batch
+
+
+def ddp_worker(out_dir):
+    """One process of the DDP run (under torchrun): trains, then writes its own final weights."""
+    torch.set_num_threads(1)
+    model, params, sample_batch = ddp_setup()
+    run_train(out_dir, model, params, sample_batch)
+    save_file({k: v.contiguous() for k, v in model.weights().items()}, Path(out_dir) / f"rank{os.environ['RANK']}.safetensors")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tmp_path):
+    ddp_dir = tmp_path / "ddp"
+    ddp_dir.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "DVC_NO_ANALYTICS": "1"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), __file__, str(ddp_dir)]
+    result = subprocess.run(command, cwd=ddp_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    model, params, sample_batch = ddp_setup()
+    run_train(tmp_path / "single", model, params, sample_batch)
+    single = model.weights()
+    rank0, rank1 = load_file(ddp_dir / "rank0.safetensors"), load_file(ddp_dir / "rank1.safetensors")
+    assert_same_weights(rank0, rank1)  # the replicas stay in step
+    assert_same_weights(load_file(ddp_dir / "model" / "model.safetensors"), rank0)  # rank 0 saved the model
+    initial = tiny_model(seed=4).weights()
+    for name, tensor in single.items():
+        torch.testing.assert_close(rank0[name], tensor, rtol=0, atol=1e-5, msg=f"tensor {name}")
+        assert not torch.equal(tensor, initial[name]), f"tensor {name} did not train"
+
+
+# --- training params -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def raw_params():
+    with open(REPO_ROOT / "params.yaml", encoding="utf-8") as f:
+        return copy.deepcopy(yaml.safe_load(f))
+
+
+def params_error(raw):
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("steps", [0, -5])
+def test_non_positive_steps_is_an_error_naming_the_key(raw_params, steps):
+    raw_params["pretrain"]["steps"] = steps
+    assert "pretrain.steps" in params_error(raw_params)
+
+
+def test_warmup_longer_than_training_is_an_error_naming_the_key(raw_params):
+    raw_params["finetune"]["warmup_steps"] = raw_params["finetune"]["steps"] + 1
+    assert "finetune.warmup_steps" in params_error(raw_params)
+
+
+def test_min_lr_above_lr_is_an_error_naming_the_key(raw_params):
+    raw_params["pretrain"]["min_lr"] = raw_params["pretrain"]["lr"] * 2
+    assert "pretrain.min_lr" in params_error(raw_params)
+
+
+def test_unknown_device_is_an_error_naming_the_key(raw_params):
+    raw_params["finetune"]["device"] = "tpu"
+    message = params_error(raw_params)
+    assert "finetune.device" in message
+    assert "tpu" in message
+
+
+def test_the_shipped_training_params_pass_the_checks(raw_params):
+    params = parse_params(raw_params)
+    assert params.pretrain.warmup_steps <= params.pretrain.steps
+    assert params.finetune.min_lr <= params.finetune.lr
+
+
+if __name__ == "__main__":
+    ddp_worker(sys.argv[1])
