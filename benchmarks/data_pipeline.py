@@ -56,6 +56,7 @@ ENCODE_THREADS = 2
 FEW_MINUTES_S = 300  # the BPE goal: the full corpus "in a few minutes"
 ENCODE_GOAL_MB_S = 10
 MB = 1e6
+BUSY_MACHINE_SHARE = 0.05  # above this share of CPU used by other processes, the report warns
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -215,6 +216,14 @@ def bench_encoding(texts, model):
 
 # --- report ---------------------------------------------------------------------------------------
 
+def busy_cpu_seconds():
+    """CPU seconds the whole machine has been busy since boot (/proc/stat), and those of this process."""
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
+    own = os.times()  # children: the encoding workers, counted once they are reaped
+    machine_s = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    return machine_s, own.user + own.system + own.children_user + own.children_system
+
+
 def machine():
     cpu = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
     return (f"{os.cpu_count()} cores ({cpu.group(1) if cpu else 'unknown CPU'}), Python "
@@ -231,9 +240,15 @@ def render(info, corpus, bpe, encoding):
     lines = [
         HEADING, "",
         f"Command: `{COMMAND}` (reads `../shared/corpus` in place). Machine: {info['machine']}. "
-        f"Date: {info['date']}. Load average (1 min) before / after: {info['load_before']:.2f} / "
-        f"{info['load_after']:.2f}. Times are medians of {REPEATS} runs; MB = 10^6 bytes of UTF-8 text.",
+        f"Date: {info['date']}. Times are medians of {REPEATS} runs; MB = 10^6 bytes of UTF-8 text. "
+        f"Other processes used {info['others_cpu_s']:.0f} CPU-seconds during the {info['wall_s']:.0f} s run "
+        f"({info['others_share']:.0%} of the machine).",
         "",
+    ]
+    if info["others_share"] > BUSY_MACHINE_SHARE:
+        lines += ["**Warning: the machine was busy with other work during this run; the times below are "
+                  "inflated. Rerun on an idle machine.**", ""]
+    lines += [
         f"Input: the Wikipedia `20231101.en` and C4 `en` slices, cleaned as the extract stages clean them "
         f"(min_chars from `configs/ryangpt.yaml`): {corpus['documents']:,} documents, {corpus['lines']:,} "
         f"lines, {corpus['bytes'] / MB:.2f} MB, {corpus['distinct']:,} distinct words.",
@@ -307,7 +322,8 @@ def write_section(section):
 
 def main():
     profile = load_profile()
-    info = {"machine": machine(), "load_before": os.getloadavg()[0],
+    start_wall, (start_machine, start_own) = time.perf_counter(), busy_cpu_seconds()
+    info = {"machine": machine(),
             "full_bytes": profile["wikipedia"]["max_bytes"] + profile["c4"]["max_bytes"],
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     texts = load_slice(profile)
@@ -316,7 +332,10 @@ def main():
               "distinct": len(words_of(lines))}
     bpe = bench_bpe(lines, profile)
     encoding = bench_encoding(texts, bpe["model"])
-    info["load_after"] = os.getloadavg()[0]
+    end_machine, end_own = busy_cpu_seconds()
+    info["wall_s"] = time.perf_counter() - start_wall
+    info["others_cpu_s"] = max(0.0, (end_machine - start_machine) - (end_own - start_own))
+    info["others_share"] = info["others_cpu_s"] / (info["wall_s"] * os.cpu_count())
     section = render(info, corpus, bpe, encoding)
     print(section)
     write_section(section)

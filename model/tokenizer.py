@@ -87,6 +87,10 @@ class Tokenizer:
             if self.sp.piece_to_id(piece) != expected:
                 raise ValueError(f"{model_file}: not a tokenizer of this project ({piece} is not id {expected})")
         self.eot_id = END_OF_TEXT_ID
+        # Tokens that end a generated document, and an assistant reply: a reply is one line, so its
+        # newline (a byte piece: BPE never saw one, it trains on single lines) ends the turn as well.
+        self.document_end_ids = (END_OF_TEXT_ID,)
+        self.reply_end_ids = (END_OF_TEXT_ID, USER_ID, self.sp.piece_to_id("<0x0A>"))
 
     def encode(self, text):
         return self.sp.encode(text)

@@ -103,16 +103,14 @@ def load_models(models_dir, max_batch):
     return hosted
 
 
-def _sampling(body, max_tokens, chat):
+def _sampling(body, max_tokens, stop_ids):
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > MAX_STOP_STRINGS or any(stop == "" for stop in stops):
         raise APIError(400, f"stop must be up to {MAX_STOP_STRINGS} non-empty strings", "stop")
-    if chat:
-        stops.append("\n")  # a reply is one line: the newline after it ends the turn
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
     return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                    min_tokens=body.min_tokens, stop=tuple(stops), seed=body.seed)
+                    min_tokens=body.min_tokens, stop=tuple(stops), stop_ids=stop_ids, seed=body.seed)
 
 
 def _max_tokens(body, hosted, prompt_ids, default, prompt_field):
@@ -202,7 +200,8 @@ def create_app(models_dir, max_batch=16, max_body_bytes=MAX_BODY_BYTES):
         hosted = hosted_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         encoded = [hosted.tokenizer.document_prompt(prompt) for prompt in prompts]
-        jobs = [(ids, _sampling(body, _max_tokens(body, hosted, ids, 16, "prompt"), chat=False)) for ids in encoded]
+        jobs = [(ids, _sampling(body, _max_tokens(body, hosted, ids, 16, "prompt"), hosted.tokenizer.document_end_ids))
+                for ids in encoded]
         return await _respond(hosted, body, jobs, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -221,7 +220,8 @@ def create_app(models_dir, max_batch=16, max_body_bytes=MAX_BODY_BYTES):
         if not turns or turns[-1].role != "user":
             raise APIError(400, "the last message must be from the user", "messages")
         ids = hosted.tokenizer.chat_prompt([message.content for message in turns])
-        jobs = [(ids, _sampling(body, _max_tokens(body, hosted, ids, hosted.context_length, "messages"), chat=True))]
+        jobs = [(ids, _sampling(body, _max_tokens(body, hosted, ids, hosted.context_length, "messages"),
+                                   hosted.tokenizer.reply_end_ids))]
         return await _respond(hosted, body, jobs, chat=True)
 
     return app

@@ -25,7 +25,8 @@ class Sampling:
     top_p: float = 1.0
     top_k: int | None = None
     min_tokens: int = 0
-    stop: tuple = ()
+    stop: tuple = ()  # strings
+    stop_ids: tuple = ()  # tokens that end the text (not included); min_tokens holds them back
     seed: int | None = None
 
 
@@ -120,12 +121,12 @@ class Engine:
             return
         sampling = request.sampling
         if len(request.new_ids) < sampling.min_tokens:
-            logits[self.tokenizer.eot_id] = float("-inf")
+            logits[list(sampling.stop_ids)] = float("-inf")
         token = int(sample(logits[None].float(), sampling.temperature, sampling.top_k, sampling.top_p,
                            request.generator))
         request.new_ids.append(token)
         finish_reason = None
-        if token == self.tokenizer.eot_id:
+        if token in sampling.stop_ids:
             finish_reason, ids = "stop", request.new_ids[:-1]
         else:
             ids = request.new_ids
@@ -145,7 +146,7 @@ class Engine:
         request.sent_chars = max(request.sent_chars, len(text))
         request.finish_reason = finish_reason
         if delta or finish_reason:
-            completion_tokens = len(request.new_ids) - (token == self.tokenizer.eot_id)
+            completion_tokens = len(request.new_ids) - (token in sampling.stop_ids)
             request.send(Event(delta, completion_tokens, finish_reason))
 
     def _drop_finished(self):

@@ -132,14 +132,14 @@ def test_training_loss_falls_to_the_entropy_floor_of_a_markov_chain(tmp_path):
         return {"val/loss": mean_loss(model, batches, CPU)}
 
     model = tiny_model(seed=3)
-    params = train_params(steps=60, batch_size=8, lr=3e-2, min_lr=3e-3, warmup_steps=5, weight_decay=0.0,
+    params = train_params(steps=60, batch_size=32, lr=3e-2, min_lr=3e-3, warmup_steps=5, weight_decay=0.0,
                           log_every=10, eval_every=60, checkpoint_every=60)
     initial = evaluate(model)["val/loss"]
     final = run_train(tmp_path, model, params, chain_sampler(train_tokens, params), evaluate)["val/loss"]
     floor = math.log(2)
     assert initial > math.log(VOCAB) - 0.5  # an untrained model is near uniform
     assert final < initial - 3.0
-    assert floor - 0.05 < final < floor + 0.3
+    assert floor - 0.05 < final < floor + 0.25
 
 
 def test_training_saves_the_final_model_and_a_complete_checkpoint(tmp_path):

@@ -27,7 +27,7 @@ def make_tokenizer(folder, vocab_size=600):
     return path, Tokenizer(path)
 
 
-def make_model(vocab_size, tie_embeddings=False, context_length=64, seed=0):
+def make_model(vocab_size, tie_embeddings=False, context_length=128, seed=0):
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=vocab_size, context_length=context_length, n_layers=2, d_model=64, n_heads=4,
                        d_ff=128, tie_embeddings=tie_embeddings, rope_theta=10000.0, norm_eps=1e-5)

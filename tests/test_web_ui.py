@@ -1,0 +1,89 @@
+"""The web UI in a real headless browser (Debian's chromium + chromedriver; skipped where absent)."""
+
+import shutil
+
+import pytest
+
+from tests.server import RunningServer
+from tests.tiny import make_exports, make_tokenizer
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ui")
+    tokenizer_path, tokenizer = make_tokenizer(folder)
+    make_exports(folder / "models", tokenizer_path, tokenizer.vocab_size)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={folder / 'profile'}"):
+        options.add_argument(flag)
+    with RunningServer(folder / "models") as server:
+        browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+        try:
+            browser.get(server.url + "/")
+            WebDriverWait(browser, 20).until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 2)
+            yield browser
+        finally:
+            browser.quit()
+
+
+def send(browser, text):
+    box = browser.find_element(By.ID, "input")
+    box.clear()
+    box.send_keys(text)
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "send").is_enabled()
+                                     and b.find_elements(By.CSS_SELECTOR, ".output"))
+
+
+def test_page_lists_the_models_and_shows_the_reference_controls(page):
+    names = [option.get_attribute("value") for option in Select(page.find_element(By.ID, "model")).options]
+    assert names == ["base", "chat"]
+    for control in ("temperature", "min-tokens", "max-tokens", "top-p"):
+        assert page.find_element(By.ID, control).is_displayed()
+    assert "parameters" in page.find_element(By.ID, "model-info").text
+
+
+def test_base_model_completes_a_prompt(page):
+    Select(page.find_element(By.ID, "model")).select_by_value("base")
+    page.find_element(By.ID, "min-tokens").clear()
+    page.find_element(By.ID, "min-tokens").send_keys("5")
+    send(page, "The capital of France is")
+    turn = page.find_elements(By.CSS_SELECTOR, ".turn.completion")[-1]
+    assert turn.find_element(By.CSS_SELECTOR, ".prompt").text == "The capital of France is"
+    assert turn.find_element(By.CSS_SELECTOR, ".output").text.strip()
+    assert page.find_element(By.ID, "error").text == ""
+
+
+def test_chat_model_keeps_a_multi_turn_conversation(page):
+    Select(page.find_element(By.ID, "model")).select_by_value("chat")
+    for control, value in (("min-tokens", "3"), ("max-tokens", "20")):
+        page.find_element(By.ID, control).clear()
+        page.find_element(By.ID, control).send_keys(value)
+    send(page, "Hello")
+    send(page, "What is your name?")
+    users = [turn.text for turn in page.find_elements(By.CSS_SELECTOR, ".turn.user")]
+    assert users == ["Hello", "What is your name?"]
+    replies = page.find_elements(By.CSS_SELECTOR, ".turn.assistant")
+    assert len(replies) == 2 and all(reply.text.strip() for reply in replies)
+    assert page.find_element(By.ID, "error").text == ""
+
+
+def test_a_rejected_request_shows_the_error(page):
+    Select(page.find_element(By.ID, "model")).select_by_value("base")
+    page.find_element(By.ID, "max-tokens").clear()
+    page.find_element(By.ID, "max-tokens").send_keys("100000")
+    box = page.find_element(By.ID, "input")
+    box.send_keys("Hello")
+    page.find_element(By.ID, "send").click()
+    WebDriverWait(page, 20).until(lambda b: b.find_element(By.ID, "error").text)
+    assert "max_tokens" in page.find_element(By.ID, "error").text
