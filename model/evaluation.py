@@ -60,7 +60,9 @@ def completions(model, tokenizer, chat, params, seed):
     results = []
     for prompt in CHAT_PROMPTS if chat else BASE_PROMPTS:
         prompt_ids = tokenizer.chat_prompt([prompt]) if chat else tokenizer.document_prompt(prompt)
+        stop_ids = tokenizer.reply_end_ids if chat else tokenizer.document_end_ids
         new_ids = generate(model, prompt_ids, params.max_new_tokens, params.temperature, params.top_k,
-                           seed=seed, stop_ids=tokenizer.reply_end_ids if chat else tokenizer.document_end_ids)
-        results.append((prompt, tokenizer.decode([i for i in new_ids if i != tokenizer.eot_id])))
+                           seed=seed, stop_ids=stop_ids)
+        # The stop token that ended the text (<|endoftext|>, a newline, <|user|>) is not part of it.
+        results.append((prompt, tokenizer.decode([i for i in new_ids if i not in stop_ids])))
     return results

@@ -19,7 +19,7 @@ def logits_to_probs(logits, temperature, top_k=None, top_p=None):
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Keep the smallest set of tokens whose mass reaches top_p (always at least the first).
-        drop = sorted_probs.cumsum(dim=-1) >= top_p
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)

@@ -202,8 +202,10 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        # The mean over real targets, and 0 (not NaN) for a batch that has none.
+        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="sum")
+        return logits, total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
     def optimizer_groups(self, weight_decay):
         """AdamW groups: decay on matrices (projections, embeddings), none on norm weights."""

@@ -133,14 +133,20 @@ class Tokenizer:
         """Token ids of a rendered dialogue + <|endoftext|>, and a 0/1 mask of assistant reply tokens.
 
         The mask covers each reply and the newline after it, and the final <|endoftext|> when the
-        assistant spoke last, so the model learns to stop. Role tokens and user turns are excluded.
+        assistant spoke last, so the model learns to stop. Role lines (the role token and its newline,
+        which `chat_prompt` supplies) and user turns are excluded, also when a turn's text contains a
+        role string. The mask is built line by line; the ids are those of the whole rendered text.
         """
         ids = self.sp.encode(render_chat(turns)) + [END_OF_TEXT_ID]
-        mask = np.zeros(len(ids), dtype=np.uint8)
-        in_reply = False
-        for i, token in enumerate(ids):
-            if token in (USER_ID, ASSISTANT_ID):
-                in_reply = token == ASSISTANT_ID
-            else:
-                mask[i] = in_reply
-        return ids, mask
+        lines, mask = [], []
+        for i, turn in enumerate(turns):
+            reply = i % 2 == 1
+            role_line = self.sp.encode(f"{ASSISTANT if reply else USER}\n")
+            text_line = self.sp.encode(f"{turn}\n")
+            lines += role_line + text_line
+            mask += [0] * len(role_line) + [int(reply)] * len(text_line)
+        if lines + [END_OF_TEXT_ID] != ids:
+            raise ValueError("this tokenizer merges across the chat format's line breaks: the assistant mask "
+                             "cannot be aligned (train it with model.tokenizer.train_bpe)")
+        mask.append(int(len(turns) > 0 and len(turns) % 2 == 0))
+        return ids, np.array(mask, dtype=np.uint8)

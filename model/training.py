@@ -255,7 +255,7 @@ def train(model, params, sample_batch, evaluate, checkpoint_path, live_dir, out_
             group["lr"] = lr
         for micro in range(params.grad_accum):
             inputs, targets = sample_batch(step, micro)
-            n_targets = int((targets != IGNORE_INDEX).sum())
+            n_targets = max(1, int((targets != IGNORE_INDEX).sum()))
             inputs, targets = inputs[own_rows].to(runtime.device), targets[own_rows].to(runtime.device)
             # Weight each process's mean by its share of target tokens, so the all-reduced gradient
             # is the mean over the whole micro-batch even when masks leave uneven counts.

@@ -11,6 +11,15 @@ VOCAB = 256
 CONTEXT = 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**overrides):
     values = dict(vocab_size=VOCAB, context_length=CONTEXT, n_layers=2, d_model=32, n_heads=4, d_ff=64,
                   tie_embeddings=True, rope_theta=10000.0, norm_eps=1e-5)
@@ -50,7 +59,7 @@ def trained_model():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert float(loss) < np.log(VOCAB) - 1.0, "the fixture model should have learned something"
+    assert float(loss.detach()) < np.log(VOCAB) - 1.0, "the fixture model should have learned something"
     return model.eval()
 
 
@@ -116,6 +125,43 @@ def test_batch_rows_at_different_lengths_match_each_row_run_alone(trained_model)
             logits, _ = model(inputs, cache=cache, positions=positions)
             for b in range(2):
                 torch.testing.assert_close(logits[b, 0], alone[b][int(positions[b, 0])], rtol=0, atol=1e-5)
+
+
+def test_rows_prefilled_one_at_a_time_then_decoded_together_match_each_row_alone(trained_model):
+    """The server's way: prefill each prompt alone into a free cache row, then decode all rows in one batch."""
+    model = trained_model
+    rows = [prompt(3, seed=30) + prompt(8, seed=31), prompt(7, seed=32) + prompt(8, seed=33),
+            prompt(5, seed=34) + prompt(8, seed=35)]
+    prompt_lengths = [3, 7, 5]
+    with torch.no_grad():
+        alone = [model(torch.tensor([row]))[0][0] for row in rows]
+        cache = KVCache(model.config, 3, CONTEXT)
+        for b, length in enumerate(prompt_lengths):
+            cache.first_row = b
+            logits, _ = model(torch.tensor([rows[b][:length]]), cache=cache, positions=torch.arange(length)[None])
+            torch.testing.assert_close(logits[0], alone[b][:length], rtol=0, atol=1e-5)
+        cache.first_row = 0
+        for step in range(8):
+            positions = torch.tensor([[length + step] for length in prompt_lengths])
+            inputs = torch.tensor([[rows[b][length + step]] for b, length in enumerate(prompt_lengths)])
+            logits, _ = model(inputs, cache=cache, positions=positions)
+            for b, length in enumerate(prompt_lengths):
+                torch.testing.assert_close(logits[b, 0], alone[b][length + step], rtol=0, atol=1e-5)
+
+
+def test_a_moved_cache_row_continues_its_sequence(trained_model):
+    model = trained_model
+    row = prompt(12, seed=36)
+    with torch.no_grad():
+        alone, _ = model(torch.tensor([row]))
+        cache = KVCache(model.config, 3, CONTEXT)
+        cache.first_row = 2
+        model(torch.tensor([row[:8]]), cache=cache, positions=torch.arange(8)[None])
+        cache.move_row(2, 0)
+        cache.first_row = 0
+        for t in range(8, 12):
+            logits, _ = model(torch.tensor([[row[t]]]), cache=cache, positions=torch.tensor([[t]]))
+            torch.testing.assert_close(logits[0, 0], alone[0, t], rtol=0, atol=1e-5)
 
 
 def test_cache_rows_of_a_smaller_batch_are_independent_of_later_rows(trained_model):
@@ -228,3 +274,54 @@ def test_min_new_tokens_suppresses_the_stop_id(temperature):
     assert len(out) == 7
     assert stop_id not in out[:6]
     assert out[6] == stop_id
+
+
+# --- fixed-prompt completions of the evaluate stage ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer(tmp_path_factory):
+    from model.tokenizer import Tokenizer, train_bpe
+
+    rng = np.random.default_rng(0)
+    words = ["river", "stone", "lantern", "quiet", "market", "garden", "yellow", "window", "morning", "candle",
+             "the", "a", "under", "beside", "carried", "painted", "found", "old", "small", "bright"]
+    sentences = sorted({" ".join(rng.choice(words, size=6)) + "." for _ in range(300)})
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.model"
+    path.write_bytes(train_bpe(sentences, vocab_size=300, seed=0))
+    return Tokenizer(path)
+
+
+def biased_model(vocab_size, token_id):
+    model = random_model(seed=23, vocab_size=vocab_size, tie_embeddings=False)
+    bias = torch.zeros(vocab_size)
+    bias[token_id] = 50.0
+    model.lm_head.register_forward_hook(lambda module, inputs, output: output + bias)
+    return model
+
+
+def evaluate_params(max_new_tokens=5):
+    from model.params import EvaluateParams
+
+    return EvaluateParams(batch_size=1, eval_batches=1, max_new_tokens=max_new_tokens, temperature=0.0, top_k=5)
+
+
+@pytest.mark.parametrize("chat, stop_piece", [(True, "<|endoftext|>"), (True, "<|user|>"), (True, "<0x0A>"),
+                                              (False, "<|endoftext|>")])
+def test_completions_leave_out_the_stop_token_that_ended_them(small_tokenizer, chat, stop_piece):
+    from model.evaluation import completions
+
+    stop_id = small_tokenizer.sp.piece_to_id(stop_piece)
+    model = biased_model(small_tokenizer.vocab_size, stop_id)
+    results = completions(model, small_tokenizer, chat, evaluate_params(), seed=0)
+    assert len(results) == 3
+    assert [completion for _, completion in results] == ["", "", ""]
+
+
+def test_completions_decode_the_generated_tokens(small_tokenizer):
+    from model.evaluation import completions
+
+    word_id = small_tokenizer.encode("lantern")[0]
+    model = biased_model(small_tokenizer.vocab_size, word_id)
+    for prompt, completion in completions(model, small_tokenizer, True, evaluate_params(4), seed=0):
+        assert completion == small_tokenizer.decode([word_id] * 4)

@@ -8,10 +8,19 @@ import pytest
 import torch
 import yaml
 
-from model.gpt import GPT, GPTConfig, apply_rope, load_model, rope_tables, save_model
+from model.gpt import GPT, IGNORE_INDEX, GPTConfig, apply_rope, load_model, rope_tables, save_model
 from model.params import ParamsError, parse_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_config(**overrides):
@@ -131,8 +140,6 @@ def test_logits_at_a_position_ignore_later_tokens():
 
 
 def test_loss_ignores_targets_marked_ignore_index():
-    from model.gpt import IGNORE_INDEX
-
     model = tiny_model()
     tokens = random_tokens(model.config, 12, seed=4)
     targets = random_tokens(model.config, 12, seed=5)

@@ -51,8 +51,12 @@ def test_stream_records_reads_local_c4_shards_in_file_order(tmp_path, make_c4):
     shards = [_c4_rows(0, 3), _c4_rows(3, 4)]
     root = make_c4(tmp_path / "c4", shards)
     records, revision = stream_records(str(root), "c4.source", data_files=C4_FILES)
+    records = list(records)
     assert revision is None
-    assert [dict(record) for record in records] == shards[0] + shards[1]
+    assert [(record["text"], record["url"]) for record in records] == [
+        (row["text"], row["url"]) for row in shards[0] + shards[1]
+    ]
+    assert all(set(record) == {"text", "timestamp", "url"} for record in records)
 
 
 def test_stream_records_names_the_param_key_for_a_missing_local_folder(tmp_path):

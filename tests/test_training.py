@@ -6,6 +6,7 @@ DDP worker of `test_two_gloo_processes_train_like_one_process_with_the_same_glob
 """
 
 import copy
+import json
 import math
 import os
 import socket
@@ -26,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:  # as a torchrun worker script
     sys.path.insert(0, str(REPO_ROOT))
 
 from model.encoding import encode_dialogues  # noqa: E402
-from model.gpt import GPT, IGNORE_INDEX, GPTConfig  # noqa: E402
+from model.gpt import GPT, IGNORE_INDEX, GPTConfig, load_model  # noqa: E402
 from model.params import ParamsError, TrainParams, parse_params  # noqa: E402
 from model.tokenizer import ASSISTANT_ID, END_OF_TEXT_ID, USER_ID, Tokenizer, train_bpe  # noqa: E402
 from model.training import (  # noqa: E402
@@ -143,8 +144,6 @@ def test_training_loss_falls_to_the_entropy_floor_of_a_markov_chain(tmp_path):
 
 
 def test_training_saves_the_final_model_and_a_complete_checkpoint(tmp_path):
-    from model.gpt import load_model
-
     model = tiny_model()
     params = train_params(steps=4)
     run_train(tmp_path, model, params, chain_sampler(markov_chain(2000, seed=1), params))
@@ -268,8 +267,8 @@ def test_dialogue_batch_targets_are_the_next_token_exactly_on_assistant_replies(
         assert inputs[row, :n].tolist() == ids[:-1].tolist()
         kept = (targets[row, :n] != IGNORE_INDEX).numpy()
         assert targets[row, :n][kept].tolist() == ids[1:][kept].tolist()
-        # The kept targets spell the assistant's replies, each with its newlines, and nothing else.
-        replies = "".join(f"\n{reply}\n" for reply in dialogues[pick][1::2])
+        # The kept targets spell the assistant's replies, each with the newline that ends it, and nothing else.
+        replies = "".join(f"{reply}\n" for reply in dialogues[pick][1::2])
         assert chat_tokenizer.decode(targets[row, :n][kept].tolist()) == replies
         # The closing <|endoftext|> is learned only after an assistant reply.
         assert kept[-1] == (len(dialogues[pick]) % 2 == 0)
@@ -287,6 +286,9 @@ def test_dialogue_batch_ignores_user_turns_and_role_tokens(chat_tokenizer, dialo
         role_positions = np.isin(next_ids, [USER_ID, ASSISTANT_ID])
         assert role_positions.sum() == len(dialogues[pick]) - 1  # every role token but the first is a target slot
         assert ignored[role_positions].all()
+        # The role line's newline belongs to the prompt (chat_prompt supplies it), not to the reply.
+        after_role = np.flatnonzero(role_positions) + 1
+        assert ignored[after_role[after_role < n]].all()
         ignored_text = chat_tokenizer.decode([int(i) for i in next_ids[ignored] if i not in (USER_ID, ASSISTANT_ID)])
         for user_turn in dialogues[pick][0::2]:
             assert user_turn in ignored_text
@@ -330,6 +332,25 @@ def test_dialogue_batch_rows_never_cross_into_the_next_dialogue(dialogue_arrays)
             assert END_OF_TEXT_ID not in inputs[row, :width].tolist()
 
 
+def test_dialogue_batch_cuts_only_dialogues_longer_than_the_context():
+    context = 8
+    lengths = [context + 1, context + 2, 3]  # fits exactly, one token too long, short
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = np.arange(offsets[-1], dtype=np.uint16) + 10
+    mask = np.ones(offsets[-1], dtype=np.uint8)
+    for seed in range(5):
+        inputs, targets = dialogue_batch(tokens, mask, offsets, [0, 1, 2], context, np.random.default_rng(seed))
+        assert inputs.shape == (3, context)
+        assert inputs[0].tolist() == tokens[: context].tolist()  # whole, not cut
+        assert targets[0].tolist() == tokens[1 : context + 1].tolist()
+        start = int(inputs[1, 0]) - int(tokens[offsets[1]])
+        assert start in (0, 1)  # a window of context + 1 tokens inside the 10-token dialogue
+        assert inputs[1].tolist() == tokens[offsets[1] + start : offsets[1] + start + context].tolist()
+        assert targets[1].tolist() == tokens[offsets[1] + start + 1 : offsets[1] + start + context + 1].tolist()
+        assert inputs[2, :2].tolist() == tokens[offsets[2] : offsets[2] + 2].tolist()
+        assert (targets[2, 2:] == IGNORE_INDEX).all()
+
+
 # --- checkpoints and resuming ----------------------------------------------------------------------
 
 
@@ -349,7 +370,16 @@ def interrupt_at(sample_batch, stop_step):
 @pytest.fixture(scope="module")
 def resume_runs(tmp_path_factory):
     """An uninterrupted 8-step run, and one interrupted at step 5 (checkpoint at 4) then resumed."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+        monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+        yield _resume_runs(tmp_path_factory)
+    torch.set_num_threads(threads)
+
+
+def _resume_runs(tmp_path_factory):
     tokens = markov_chain(4000, seed=1)
     heldout = list(evaluation_windows(markov_chain(1000, seed=2), 2, 4, CONTEXT))
     params = train_params(steps=8, grad_accum=2, checkpoint_every=4, eval_every=4, log_every=2)
@@ -391,8 +421,6 @@ def test_resumed_run_logs_the_same_history_as_an_uninterrupted_run(resume_runs):
 
     def history(run_dir):
         with safe_open(run_dir / "checkpoint.safetensors", framework="pt") as f:
-            import json
-
             rows = json.loads(f.metadata()["history"])
         return [{k: v for k, v in row.items() if k != "train/tokens_per_second"} for row in rows]
 
@@ -458,7 +486,7 @@ DDP_STEPS = 4
 def ddp_setup():
     """Model, params and sample_batch of the DDP comparison; masks leave the two halves of each
     micro-batch with different numbers of target tokens, so the per-process weighting matters."""
-    params = train_params(steps=DDP_STEPS, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=1,
+    params = train_params(steps=DDP_STEPS, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=1,
                           checkpoint_every=2, log_every=2, eval_every=DDP_STEPS)
     tokens = markov_chain(4000, seed=1)
     plain = chain_sampler(tokens, params)

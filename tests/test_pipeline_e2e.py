@@ -1,0 +1,259 @@
+"""The data part of the DVC pipeline, end to end, in a scratch copy of the repository.
+
+One copy, a handful of `dvc repro` runs (module-scoped fixtures, each building on the previous one):
+from scratch; again (nothing may run); --force (byte-identical outputs); a smaller vocabulary (only the
+tokenizer and the encoding rerun); a smaller Wikipedia cap (Wikipedia and everything downstream of it).
+
+`dvc repro` is given the data stages as targets (without -s, so each brings its upstream): the training
+stages downstream of `encode` take many minutes on a CPU and are not part of this test. Which stages ran
+is read from DVC's "Running stage '...'" lines, and only the data stages are asserted on.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from model.corpus import SOURCES
+from model.dialog import SPLITS
+from model.encoding import pretraining_splits
+from model.tokenizer import END_OF_TEXT_ID, Tokenizer
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_STAGES = ("extract_wikipedia", "extract_c4", "extract_dialog", "combine", "build_bpe", "encode")
+RAN = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
+
+
+def _expected_outputs():
+    tokens = [f"{split}.npy" for split in pretraining_splits()]
+    tokens += [f"dialog_{split}{suffix}.npy" for split in SPLITS for suffix in ("", "_mask", "_offsets")]
+    return (
+        [f"data/extracted/{source}.jsonl" for source in SOURCES]
+        + [f"data/extracted/dialog/{split}.jsonl" for split in SPLITS]
+        + [f"data/combined/{split}.jsonl" for split in pretraining_splits()]
+        + ["data/tokenizer.model", "data/tokens/meta.json"]
+        + [f"data/tokens/{name}" for name in tokens]
+        + [f"metrics/{stage}.json" for stage in ("extract_wikipedia", "extract_c4", "extract_dialog", "combine")]
+    )
+
+
+class Workspace:
+    def __init__(self, root, home):
+        self.root = root
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "DVC_"))}
+        self.env.update(
+            PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+            DVC_NO_ANALYTICS="1",
+            DVC_SITE_CACHE_DIR=str(home / "dvc-site-cache"),
+            HF_HOME=str(home / "hf"),
+            HF_HUB_OFFLINE="1",  # the sample profile reads local folders only; never the network
+            HF_DATASETS_OFFLINE="1",
+            PYTHONDONTWRITEBYTECODE="1",
+        )
+        self.env.pop("PYTHONPATH", None)
+
+    def run(self, *args, merge_stderr=True, timeout=600):
+        result = subprocess.run(args, cwd=self.root, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
+                                timeout=timeout)
+        output = result.stdout + (result.stderr or "")
+        assert result.returncode == 0, f"{' '.join(args)} failed ({result.returncode}):\n{output[-6000:]}"
+        return result.stdout
+
+    def dvc(self, *args, merge_stderr=True):
+        return self.run(sys.executable, "-m", "dvc", *args, merge_stderr=merge_stderr)
+
+    def repro(self, *flags):
+        """Runs `dvc repro` of the data stages; returns (names of the stages that ran, DVC's output)."""
+        output = self.dvc("repro", *flags, *DATA_STAGES)
+        return set(RAN.findall(output)), output
+
+    def set_param(self, section, key, value):
+        path = self.root / "params.yaml"
+        params = yaml.safe_load(path.read_text(encoding="utf-8"))
+        params[section][key] = value
+        path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+    def param(self, section, key):
+        return yaml.safe_load((self.root / "params.yaml").read_text(encoding="utf-8"))[section][key]
+
+    def data_outputs(self):
+        """Every output and metric the data stages declare in dvc.yaml (folders included)."""
+        stages = yaml.safe_load((self.root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+        paths = []
+        for name in DATA_STAGES:
+            for kind in ("outs", "metrics", "plots"):
+                for entry in stages[name].get(kind, []):
+                    paths.append(entry if isinstance(entry, str) else next(iter(entry)))
+        return paths
+
+    def hashes(self):
+        """sha256 of every file of every data output, by path."""
+        digests = {}
+        for out in self.data_outputs():
+            path = self.root / out
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for file in files:
+                digests[str(file.relative_to(self.root))] = hashlib.sha256(file.read_bytes()).hexdigest()
+        return digests
+
+    def json(self, relative):
+        return json.loads((self.root / relative).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """The repository's tracked and untracked-not-ignored files, copied into a fresh git repository."""
+    root = tmp_path_factory.mktemp("repo")
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
+                            check=True, capture_output=True).stdout.decode("utf-8")
+    for name in filter(None, listed.split("\0")):
+        source = REPO_ROOT / name
+        if source.is_file() and not source.is_symlink():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    workspace = Workspace(root, tmp_path_factory.mktemp("home"))
+    workspace.run("git", "init", "--quiet")
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace):
+    ran, output = workspace.repro()
+    return {"ran": ran, "output": output, "hashes": workspace.hashes()}
+
+
+@pytest.fixture(scope="module")
+def second_run(workspace, first_run):
+    ran, output = workspace.repro()
+    status = json.loads(workspace.dvc("status", "--json", *DATA_STAGES, merge_stderr=False))
+    return {"ran": ran, "output": output, "status": status}
+
+
+@pytest.fixture(scope="module")
+def forced_run(workspace, second_run):
+    before = workspace.hashes()
+    ran, output = workspace.repro("--force")
+    return {"ran": ran, "output": output, "before": before, "after": workspace.hashes()}
+
+
+@pytest.fixture(scope="module")
+def vocab_run(workspace, forced_run):
+    old = workspace.param("tokenizer", "vocab_size")
+    new = old // 2 if old // 2 >= 512 else old * 2
+    before = workspace.hashes()
+    workspace.set_param("tokenizer", "vocab_size", new)
+    ran, output = workspace.repro()
+    return {"ran": ran, "output": output, "vocab_size": new, "before": before, "after": workspace.hashes()}
+
+
+@pytest.fixture(scope="module")
+def wikipedia_cap_run(workspace, vocab_run):
+    before_stats = workspace.json("metrics/extract_wikipedia.json")
+    cap = before_stats["bytes_kept"] // 2
+    assert cap < workspace.param("wikipedia", "max_bytes")
+    before = workspace.hashes()
+    workspace.set_param("wikipedia", "max_bytes", cap)
+    ran, output = workspace.repro()
+    return {"ran": ran, "output": output, "cap": cap, "before_stats": before_stats,
+            "stats": workspace.json("metrics/extract_wikipedia.json"), "before": before, "after": workspace.hashes()}
+
+
+def _changed(run, prefix):
+    return {path for path in run["after"] if path.startswith(prefix) and run["after"][path] != run["before"].get(path)}
+
+
+def test_data_stages_are_declared_in_dvc_yaml(workspace):
+    stages = yaml.safe_load((workspace.root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    assert set(DATA_STAGES) <= set(stages)
+
+
+def test_repro_from_scratch_runs_every_data_stage(first_run):
+    assert first_run["ran"] >= set(DATA_STAGES), first_run["output"][-3000:]
+
+
+def test_repro_writes_every_data_output(workspace, first_run):
+    for relative in _expected_outputs():
+        path = workspace.root / relative
+        assert path.is_file(), relative
+        assert path.stat().st_size > 0, relative
+    for out in workspace.data_outputs():
+        assert (workspace.root / out).exists(), out
+
+
+def test_token_arrays_are_uint16_memory_maps_within_the_vocab(workspace, first_run):
+    vocab_size = Tokenizer(workspace.root / "data/tokenizer.model").vocab_size
+    token_files = [f"{split}.npy" for split in pretraining_splits()] + [f"dialog_{split}.npy" for split in SPLITS]
+    for name in token_files:
+        tokens = np.load(workspace.root / "data/tokens" / name, mmap_mode="r")
+        assert isinstance(tokens, np.memmap), name
+        assert tokens.dtype == np.uint16, name
+        assert tokens.size > 0 and int(tokens.max()) < vocab_size, name
+
+
+def test_dialog_masks_and_offsets_line_up_with_their_tokens(workspace, first_run):
+    for split in SPLITS:
+        folder = workspace.root / "data/tokens"
+        tokens = np.load(folder / f"dialog_{split}.npy", mmap_mode="r")
+        mask = np.load(folder / f"dialog_{split}_mask.npy", mmap_mode="r")
+        offsets = np.load(folder / f"dialog_{split}_offsets.npy")
+        dialogues = (workspace.root / f"data/extracted/dialog/{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        assert mask.shape == tokens.shape and set(np.unique(mask)) <= {0, 1}
+        assert len(offsets) == len(dialogues) + 1
+        assert offsets[0] == 0 and offsets[-1] == len(tokens) and np.all(np.diff(offsets) > 0)
+        assert np.all(tokens[offsets[1:] - 1] == END_OF_TEXT_ID), "every dialogue ends with <|endoftext|>"
+
+
+def test_token_meta_matches_the_arrays_and_documents(workspace, first_run):
+    meta = workspace.json("data/tokens/meta.json")
+    assert meta["vocab_size"] == workspace.param("tokenizer", "vocab_size")
+    for split in pretraining_splits():
+        tokens = np.load(workspace.root / "data/tokens" / f"{split}.npy", mmap_mode="r")
+        documents = (workspace.root / f"data/combined/{split}.jsonl").read_text(encoding="utf-8").splitlines()
+        assert meta["splits"][split]["tokens"] == tokens.size
+        assert meta["splits"][split]["documents"] == len(documents)
+        assert int(np.count_nonzero(tokens == END_OF_TEXT_ID)) == len(documents), "one <|endoftext|> per document"
+
+
+def test_second_repro_runs_no_stage(second_run):
+    assert second_run["ran"] == set(), second_run["output"]
+    assert "didn't change" in second_run["output"]
+    assert second_run["status"] == {}
+
+
+def test_forced_rerun_reproduces_data_outputs_byte_for_byte(forced_run):
+    assert forced_run["ran"] >= set(DATA_STAGES), forced_run["output"][-3000:]
+    assert any(path.startswith("data/tokens/") for path in forced_run["after"])
+    assert forced_run["after"] == forced_run["before"]
+
+
+def test_vocab_size_change_reruns_tokenizer_and_encode_only(workspace, vocab_run):
+    assert vocab_run["ran"] & set(DATA_STAGES) == {"build_bpe", "encode"}, vocab_run["output"][-3000:]
+    assert workspace.json("data/tokens/meta.json")["vocab_size"] == vocab_run["vocab_size"]
+    assert Tokenizer(workspace.root / "data/tokenizer.model").vocab_size == vocab_run["vocab_size"]
+    assert _changed(vocab_run, "data/extracted/") == set()
+    assert _changed(vocab_run, "data/combined/") == set()
+
+
+def test_smaller_wikipedia_cap_reruns_wikipedia_and_downstream_only(workspace, wikipedia_cap_run):
+    run = wikipedia_cap_run
+    assert run["ran"] & set(DATA_STAGES) == {"extract_wikipedia", "combine", "build_bpe", "encode"}, (
+        run["output"][-3000:]
+    )
+    assert run["stats"]["stopped_at_cap"] == 1
+    assert run["cap"] <= run["stats"]["bytes_kept"] < run["before_stats"]["bytes_kept"]
+    assert run["stats"]["documents_kept"] < run["before_stats"]["documents_kept"]
+    assert "data/extracted/wikipedia.jsonl" in _changed(run, "data/extracted/")
+    assert _changed(run, "data/extracted/c4.jsonl") == set()
+    assert _changed(run, "data/extracted/dialog/") == set()
