@@ -72,7 +72,7 @@ FIELD_NAMES = set(CompletionRequest.model_fields) | set(ChatRequest.model_fields
 
 
 class HostedModel:
-    def __init__(self, name, folder, max_batch):
+    def __init__(self, name, folder, max_batch, precision):
         model, self.listing = load_export(folder)
         self.name = name
         self.tokenizer = Tokenizer(folder / "tokenizer.model")
@@ -80,21 +80,21 @@ class HostedModel:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
         self.context_length = model.config.context_length
         self.chat = bool(self.listing.get("chat"))
-        self.engine = Engine(model, self.tokenizer, max_batch)
+        self.engine = Engine(model, self.tokenizer, max_batch, precision)
 
     def card(self):
         return {"id": self.name, "object": "model", "created": 0, "owned_by": "dvc-gpt-pipeline",
                 "context_length": self.context_length, **self.listing}
 
 
-def load_models(models_dir, max_batch):
+def load_models(models_dir, max_batch, precision):
     """Every loadable model folder under `models_dir`; broken ones are reported and skipped."""
     hosted = {}
     for folder in sorted(Path(models_dir).iterdir()) if Path(models_dir).is_dir() else []:
         if not folder.is_dir() or folder.name.startswith("."):
             continue
         try:
-            hosted[folder.name] = HostedModel(folder.name, folder, max_batch)
+            hosted[folder.name] = HostedModel(folder.name, folder, max_batch, precision)
             log.info("serving model %s from %s", folder.name, folder)
         except Exception as error:  # a broken folder must not take the others down
             log.error("skipping model folder %s: %s: %s", folder, type(error).__name__, error)
@@ -149,9 +149,10 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
-def create_app(models_dir, max_batch=16, max_body_bytes=MAX_BODY_BYTES):
+def create_app(models_dir, max_batch=16, max_body_bytes=MAX_BODY_BYTES, precision="fp32"):
+    """`precision`: fp32 (exactly the exported model) or int8 (int8 linear weights, faster on CPUs)."""
     app = FastAPI(title="GPT pipeline server", version="1.0")
-    app.state.models = load_models(models_dir, max_batch)
+    app.state.models = load_models(models_dir, max_batch, precision)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(APIError)

@@ -1,0 +1,1 @@
+"""Hand-run benchmarks; each script regenerates its own section of BENCHMARKS.md."""

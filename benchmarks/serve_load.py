@@ -1,0 +1,185 @@
+"""Serving benchmark: the HTTP server under 1, 4, 16 and 64 concurrent streaming clients.
+
+usage (from the repository root): .venv/bin/python benchmarks/serve_load.py [--tokens 128]
+
+Builds a model of the ryangpt shape (random weights: speed does not depend on them) with a 16k
+tokenizer trained on ../shared/corpus, exports it like the pipeline does, starts `python -m serve`
+on a loopback port for each precision, and runs the clients (every request generates exactly
+--tokens tokens: min_tokens = max_tokens). In the same run, the reference: Hugging Face
+`generate` on the same exported folder. Writes the section "## Serving" of BENCHMARKS.md.
+"""
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.report import machine_line, write_section  # noqa: E402
+from model.corpus import clean_c4, clean_wikipedia, extract_documents  # noqa: E402
+from model.export import export_model  # noqa: E402
+from model.gpt import GPT, GPTConfig  # noqa: E402
+from model.params import parse_params  # noqa: E402
+from model.sources import stream_records  # noqa: E402
+from model.tokenizer import Tokenizer, train_bpe  # noqa: E402
+
+CORPUS = REPO.parent / "shared" / "corpus"
+CLIENT_COUNTS = (1, 4, 16, 64)
+REQUESTS_PER_CLIENT = 2
+PROMPT = "The history of the city began when"
+COMMAND = ".venv/bin/python benchmarks/serve_load.py"
+
+
+def build_export(folder):
+    """A ryangpt-shaped model (configs/ryangpt.yaml) exported to folder/base; returns the folder."""
+    params = parse_params(yaml.safe_load((REPO / "configs" / "ryangpt.yaml").read_text()))
+    texts = []
+    for source, options, clean in (("wikipedia", {"data_dir": "20231101.en"}, clean_wikipedia),
+                                   ("c4", {"data_files": "en/c4-train.*.json.gz"}, clean_c4)):
+        records, _ = stream_records(str(CORPUS / source), source, **options)
+        texts += [doc["text"] for doc in extract_documents(records, clean, 10**9, 200, Counter())]
+    lines = [line for text in texts for line in text.split("\n") if line]
+    tokenizer_path = folder / "tokenizer.model"
+    tokenizer_path.write_bytes(train_bpe(lines, params.tokenizer.vocab_size, seed=0))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=params.tokenizer.vocab_size, **asdict(params.model)))
+    export_model(model, tokenizer_path, folder / "models" / "base", "base", False, {}, {"temperature": 0.8})
+    return folder / "models" / "base", Tokenizer(tokenizer_path)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def one_request(client, url, tokens, seed):
+    body = {"model": "base", "prompt": PROMPT, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0.8,
+            "seed": seed, "stream": True}
+    start = time.perf_counter()
+    first = None
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data:") and first is None:
+                first = time.perf_counter() - start
+    return first, time.perf_counter() - start
+
+
+async def load_round(url, clients, tokens):
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def client_loop(index):
+            return [await one_request(client, url, tokens, index * 100 + i) for i in range(REQUESTS_PER_CLIENT)]
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(client_loop(i) for i in range(clients)))
+        wall = time.perf_counter() - start
+    samples = [sample for per_client in results for sample in per_client]
+    latencies = sorted(latency for _, latency in samples)
+    first_tokens = sorted(first for first, _ in samples)
+    return {
+        "clients": clients,
+        "p50": statistics.median(latencies),
+        "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+        "ttft": statistics.median(first_tokens),
+        "tokens_per_s": len(samples) * tokens / wall,
+    }
+
+
+def serve_and_measure(models_dir, precision, tokens):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "serve", "--port", str(port), "--models-dir", str(models_dir),
+                               "--max-batch", str(max(CLIENT_COUNTS)), "--precision", precision],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the server did not start")
+                time.sleep(0.5)
+        asyncio.run(load_round(url, 1, 8))  # warm-up
+        return [asyncio.run(load_round(url, clients, tokens)) for clients in CLIENT_COUNTS]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def hf_generate(folder, tokenizer, tokens):
+    """Reference: transformers' generate on the same export, one stream, greedy, fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = torch.tensor([tokenizer.document_prompt(PROMPT)])
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return tokens / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, tokenizer = build_export(Path(tmp))
+        load_before = os.getloadavg()[0]
+        rounds = {precision: serve_and_measure(folder.parent, precision, args.tokens) for precision in ("int8", "fp32")}
+        reference = hf_generate(folder, tokenizer, args.tokens)
+        load_after = os.getloadavg()[0]
+    lines = [
+        f"Command: `{COMMAND} --tokens {args.tokens}`. {machine_line()} Load average (1 min) before / after: "
+        f"{load_before:.2f} / {load_after:.2f}.",
+        "",
+        f"Model: the ryangpt shape (6 x 320, 5 heads, d_ff 1280, vocab 16,000, untied head: 20.1M parameters), "
+        f"random weights, exported to the Hugging Face folder the server hosts. Each client streams "
+        f"{REQUESTS_PER_CLIENT} requests one after the other, each exactly {args.tokens} new tokens "
+        f"(`min_tokens` = `max_tokens`), temperature 0.8; `--max-batch {max(CLIENT_COUNTS)}`.",
+        "",
+        "| precision | clients | tokens/s (all clients) | per stream | p50 latency (s) | p99 latency (s) | time to first token (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for precision, results in rounds.items():
+        for row in results:
+            lines.append(f"| {precision} | {row['clients']} | {row['tokens_per_s']:.0f} | "
+                         f"{row['tokens_per_s'] / row['clients']:.0f} | {row['p50']:.2f} | {row['p99']:.2f} | "
+                         f"{row['ttft']:.3f} |")
+    single = {precision: results[0]["tokens_per_s"] for precision, results in rounds.items()}
+    at16 = {precision: next(r for r in results if r["clients"] == 16)["tokens_per_s"]
+            for precision, results in rounds.items()}
+    lines += [
+        "",
+        f"Reference in the same run: Hugging Face `generate` (transformers, fp32, greedy, one stream) on the same "
+        f"folder: **{reference:.0f} tokens/s**.",
+        "",
+        f"Goals (2-core CPU, ryangpt shape): single stream over 200 tokens/s: int8 {single['int8']:.0f}, "
+        f"fp32 {single['fp32']:.0f}; 16 clients at least 4x a single stream: int8 {at16['int8'] / single['int8']:.1f}x, "
+        f"fp32 {at16['fp32'] / single['fp32']:.1f}x; faster than `generate`: int8 {single['int8'] / reference:.1f}x, "
+        f"fp32 {single['fp32'] / reference:.1f}x (single stream, over HTTP with streaming, against in-process).",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    write_section("## Serving (load)", report)
+
+
+if __name__ == "__main__":
+    main()
