@@ -54,8 +54,8 @@ def stream_records(source, key, *, data_dir=None, data_files=None):
     """Opens a parquet / JSON-lines dataset as a stream in file order: (records, hub commit or None)."""
     path, revision = resolve(source, key)
     if revision is None:
-        pattern = data_files or f"{data_dir}/**"
-        if not any(Path(path).glob(pattern)):
+        pattern = data_files or f"{data_dir}/**/*"
+        if not any(match.is_file() for match in Path(path).glob(pattern)):
             raise SourceError(f"{key}: no data files match '{pattern}' under local folder '{path}'.")
     dataset = datasets.load_dataset(
         path, data_dir=data_dir, data_files=data_files, split="train", streaming=True, revision=revision

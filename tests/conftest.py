@@ -27,6 +27,8 @@ TEST_SEED = 1234
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: runs the DVC pipeline end to end in a scratch copy of the repo (slow)")
+    config.addinivalue_line("markers", "faults: kills and disk-full failures injected into the pipeline (slow)")
+    config.addinivalue_line("markers", "remote: `dvc push`/`dvc pull` through a local S3 server (slow)")
 
 
 @pytest.fixture
@@ -118,3 +120,17 @@ def tokenizer(tokenizer_model_file):
     from model.tokenizer import Tokenizer
 
     return Tokenizer(tokenizer_model_file)
+
+
+@pytest.fixture(scope="session")
+def short_pipeline(tmp_path_factory):
+    """A scratch copy of the repository with short training (tests/pipeline_copy.py), after one uninterrupted
+    `dvc repro`: the reference of the kill test and the repository of the remote test.
+
+    Returns (workspace, dvc.lock as it was right after that run).
+    """
+    from tests.pipeline_copy import SHORT_TRAINING, make_workspace
+
+    workspace = make_workspace(tmp_path_factory, "short-pipeline", params=SHORT_TRAINING)
+    workspace.dvc("repro")
+    return workspace, workspace.lock()

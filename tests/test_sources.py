@@ -75,6 +75,14 @@ def test_stream_records_names_the_param_key_when_no_file_matches(tmp_path, make_
     assert "en/c4-train.*-of-01024.json.gz" in str(info.value)
 
 
+def test_stream_records_names_the_param_key_for_a_data_dir_without_files(tmp_path):
+    (tmp_path / "wikipedia" / "20231101.xx" / "empty-subfolder").mkdir(parents=True)
+    with pytest.raises(SourceError) as info:
+        stream_records(str(tmp_path / "wikipedia"), "wikipedia.source", data_dir="20231101.xx")
+    assert "wikipedia.source" in str(info.value)
+    assert "20231101.xx" in str(info.value)
+
+
 def test_unreachable_hub_fails_fast_and_points_to_a_local_folder(tmp_path):
     # HF_ENDPOINT is read when huggingface_hub is imported, so the check runs in a fresh interpreter.
     script = textwrap.dedent(

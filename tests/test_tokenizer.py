@@ -22,6 +22,7 @@ from model.tokenizer import (
 VARIED_TEXTS = [
     "Plain sentence with words.",
     "Double  spaces,   triple spaces and a trailing space ",
+    "    Indented  line  with    runs  of  spaces  between  words     ",
     "  Leading spaces and\nnewlines\n\nand a blank line\n",
     "Digits 1234567890, 3.14159 and 2023-11-01; 10,000 people.",
     "Special strings in text: <|user|> hi <|assistant|> there <|endoftext|> x<|user|>y",
@@ -77,11 +78,29 @@ def test_decode_inverts_encode_for_newlines_spaces_and_unicode(tokenizer):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
-def test_encode_documents_equals_encoding_each_text_plus_endoftext(tokenizer):
+@pytest.fixture(scope="module")
+def spaced_tokenizer(sample_lines, bpe_settings, tmp_path_factory):
+    """A tokenizer that has learned pieces of several spaces (the cleaned corpus has none): the word split of
+    the fast path must then treat a run of spaces exactly like sentencepiece does."""
+    spaced = sample_lines + ["  ".join(line.split(" ")) for line in sample_lines[::3]]
+    spaced += ["    " + line for line in sample_lines[1::5]]
+    path = tmp_path_factory.mktemp("spaced") / "tokenizer.model"
+    path.write_bytes(train_bpe(spaced, *bpe_settings))
+    return Tokenizer(path)
+
+
+@pytest.mark.parametrize("which", ["tokenizer", "spaced_tokenizer"])
+def test_encode_documents_equals_encoding_each_text_plus_endoftext(which, request):
+    tokenizer = request.getfixturevalue(which)
     expected = [i for text in VARIED_TEXTS for i in tokenizer.sp.encode(text) + [END_OF_TEXT_ID]]
     actual = tokenizer.encode_documents(VARIED_TEXTS)
     assert actual.dtype == np.uint16
     assert _ids(actual) == expected
+
+
+def test_spaced_tokenizer_knows_pieces_of_several_spaces(spaced_tokenizer):
+    # Guards the test above: without such pieces it could not tell a run of spaces from single spaces.
+    assert spaced_tokenizer.sp.piece_to_id("\u2581\u2581") != UNK_ID
 
 
 def test_encode_documents_is_exact_on_the_bundled_sample(tokenizer, sample_lines):
