@@ -19,7 +19,9 @@ TRAILING_HEADINGS = {
     "references and notes", "gallery", "other pages", "further reading and external links",
 }
 
-_HORIZONTAL_SPACE = re.compile(r"[^\S\n]+")  # every Unicode space except the newline
+# Every run of Unicode spaces except the newline becomes one " ". The pattern leaves lone " " alone:
+# replacing each of them by itself made a 50 MB document cost 0.6 GB and seconds.
+_HORIZONTAL_SPACE = re.compile(r"[^\S\n]{2,}|[^\S\n ]")
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f\u200b\u200e\u200f\ufeff]")
 _BLANK_LINES = re.compile(r"\n{3,}")
 

@@ -2,6 +2,7 @@
 
 import re
 import zipfile
+import zlib
 
 SPLITS = ("train", "validation", "test")
 TURN_END = "__eou__"
@@ -45,8 +46,10 @@ def read_split_zip(path, split):
             data = archive.read(member)
     except KeyError as error:
         raise ValueError(f"{path}: the zip has no '{member}'") from error
-    except zipfile.BadZipFile as error:
+    except (zipfile.BadZipFile, zlib.error) as error:  # zlib: a damaged member
         raise ValueError(f"{path}: not a readable zip file ({error})") from error
+    # Invalid UTF-8 stops the stage rather than being replaced with U+FFFD: the release is UTF-8 text,
+    # so a bad byte means a damaged or wrong file, and dialogues with mangled turns would be trained on.
     try:
         return parse_dialogues(data.decode("utf-8"))
     except UnicodeDecodeError as error:
