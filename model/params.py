@@ -133,6 +133,10 @@ class TrainParams:
             value = getattr(self, name)
             _require(0 <= value < 1, f"{key}.{name}", f"must be in [0, 1), got {value}")
         _require(self.grad_clip > 0, f"{key}.grad_clip", f"must be positive, got {self.grad_clip}")
+        # A resumed run restarts its loss average at the checkpoint: only then does it log what an
+        # uninterrupted run logs.
+        _require(self.checkpoint_every % self.log_every == 0, f"{key}.checkpoint_every",
+                 f"must be a multiple of {key}.log_every ({self.log_every}), got {self.checkpoint_every}")
         _require(self.device in ("auto", "cpu", "cuda"), f"{key}.device",
                  f"must be one of auto, cpu, cuda, got {self.device!r}")
 

@@ -235,6 +235,8 @@ def train(model, params, sample_batch, evaluate, checkpoint_path, live_dir, out_
     optimizer = torch.optim.AdamW(model.optimizer_groups(params.weight_decay), lr=params.lr,
                                   betas=(params.beta1, params.beta2), fused=cuda)
     start_step, history = resume_state(checkpoint_path, identity, model, optimizer)
+    if start_step and runtime.is_main:
+        print(f"{desc}: resuming from step {start_step} ({checkpoint_path})", flush=True)
     network = DistributedDataParallel(model) if runtime.world_size > 1 else model
     if cuda and params.compile:
         network = torch.compile(network)

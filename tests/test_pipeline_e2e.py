@@ -9,29 +9,18 @@ stages downstream of `encode` take many minutes on a CPU and are not part of thi
 is read from DVC's "Running stage '...'" lines, and only the data stages are asserted on.
 """
 
-import hashlib
-import json
-import os
-import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-import yaml
 
 from model.corpus import SOURCES
 from model.dialog import SPLITS
 from model.encoding import pretraining_splits
 from model.tokenizer import END_OF_TEXT_ID, Tokenizer
+from tests.pipeline_copy import Workspace, make_workspace, stages_that_ran
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_STAGES = ("extract_wikipedia", "extract_c4", "extract_dialog", "combine", "build_bpe", "encode")
-RAN = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
 
 
 def _expected_outputs():
@@ -47,85 +36,25 @@ def _expected_outputs():
     )
 
 
-class Workspace:
-    def __init__(self, root, home):
-        self.root = root
-        bin_dir = str(Path(sys.executable).parent)
-        self.env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "DVC_"))}
-        self.env.update(
-            PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
-            DVC_NO_ANALYTICS="1",
-            DVC_SITE_CACHE_DIR=str(home / "dvc-site-cache"),
-            HF_HOME=str(home / "hf"),
-            HF_HUB_OFFLINE="1",  # the sample profile reads local folders only; never the network
-            HF_DATASETS_OFFLINE="1",
-            PYTHONDONTWRITEBYTECODE="1",
-        )
-        self.env.pop("PYTHONPATH", None)
-
-    def run(self, *args, merge_stderr=True, timeout=600):
-        result = subprocess.run(args, cwd=self.root, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
-                                timeout=timeout)
-        output = result.stdout + (result.stderr or "")
-        assert result.returncode == 0, f"{' '.join(args)} failed ({result.returncode}):\n{output[-6000:]}"
-        return result.stdout
-
-    def dvc(self, *args, merge_stderr=True):
-        return self.run(sys.executable, "-m", "dvc", *args, merge_stderr=merge_stderr)
-
+class DataWorkspace(Workspace):
     def repro(self, *flags):
         """Runs `dvc repro` of the data stages; returns (names of the stages that ran, DVC's output)."""
         output = self.dvc("repro", *flags, *DATA_STAGES)
-        return set(RAN.findall(output)), output
-
-    def set_param(self, section, key, value):
-        path = self.root / "params.yaml"
-        params = yaml.safe_load(path.read_text(encoding="utf-8"))
-        params[section][key] = value
-        path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-
-    def param(self, section, key):
-        return yaml.safe_load((self.root / "params.yaml").read_text(encoding="utf-8"))[section][key]
+        return stages_that_ran(output), output
 
     def data_outputs(self):
         """Every output and metric the data stages declare in dvc.yaml (folders included)."""
-        stages = yaml.safe_load((self.root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-        paths = []
-        for name in DATA_STAGES:
-            for kind in ("outs", "metrics", "plots"):
-                for entry in stages[name].get(kind, []):
-                    paths.append(entry if isinstance(entry, str) else next(iter(entry)))
-        return paths
+        return [path for name in DATA_STAGES for path in self.outputs(name)]
 
     def hashes(self):
         """sha256 of every file of every data output, by path."""
-        digests = {}
-        for out in self.data_outputs():
-            path = self.root / out
-            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-            for file in files:
-                digests[str(file.relative_to(self.root))] = hashlib.sha256(file.read_bytes()).hexdigest()
-        return digests
-
-    def json(self, relative):
-        return json.loads((self.root / relative).read_text(encoding="utf-8"))
+        return self.digests(self.data_outputs())
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """The repository's tracked and untracked-not-ignored files, copied into a fresh git repository."""
-    root = tmp_path_factory.mktemp("repo")
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
-                            check=True, capture_output=True).stdout.decode("utf-8")
-    for name in filter(None, listed.split("\0")):
-        source = REPO_ROOT / name
-        if source.is_file() and not source.is_symlink():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / name)
-    workspace = Workspace(root, tmp_path_factory.mktemp("home"))
-    workspace.run("git", "init", "--quiet")
-    return workspace
+    """The repository's tracked and untracked-not-ignored files in a fresh git repository (tests/pipeline_copy.py)."""
+    return make_workspace(tmp_path_factory, workspace_class=DataWorkspace)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +66,7 @@ def first_run(workspace):
 @pytest.fixture(scope="module")
 def second_run(workspace, first_run):
     ran, output = workspace.repro()
-    status = json.loads(workspace.dvc("status", "--json", *DATA_STAGES, merge_stderr=False))
+    status = workspace.status(*DATA_STAGES)
     return {"ran": ran, "output": output, "status": status}
 
 
@@ -175,8 +104,7 @@ def _changed(run, prefix):
 
 
 def test_data_stages_are_declared_in_dvc_yaml(workspace):
-    stages = yaml.safe_load((workspace.root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    assert set(DATA_STAGES) <= set(stages)
+    assert set(DATA_STAGES) <= set(workspace.stages())
 
 
 def test_repro_from_scratch_runs_every_data_stage(first_run):
