@@ -1,13 +1,16 @@
-"""The data part of the DVC pipeline, end to end, in a scratch copy of the repository.
+"""The DVC pipeline, end to end, in scratch copies of the repository.
 
-One copy, a handful of `dvc repro` runs (module-scoped fixtures, each building on the previous one):
-from scratch; again (nothing may run); --force (byte-identical outputs); a smaller vocabulary (only the
-tokenizer and the encoding rerun); a smaller Wikipedia cap (Wikipedia and everything downstream of it).
+The data stages: one copy, a handful of `dvc repro` runs (module-scoped fixtures, each building on the
+previous one): from scratch; again (nothing may run); --force (byte-identical outputs); a smaller
+vocabulary (only the tokenizer and the encoding rerun); a smaller Wikipedia cap (Wikipedia and everything
+downstream of it). These runs target the data stages, since each one would otherwise retrain.
 
-`dvc repro` is given the data stages as targets (without -s, so each brings its upstream): the training
-stages downstream of `encode` take many minutes on a CPU and are not part of this test. Which stages ran
-is read from DVC's "Running stage '...'" lines, and only the data stages are asserted on.
+The whole pipeline: the session's `short_pipeline` copy (sample profile, shorter training) ran every stage
+through export once; a second `dvc repro` must run nothing. Which stages ran is read from DVC's
+"Running stage '...'" lines.
 """
+
+import json
 
 import numpy as np
 import pytest
@@ -185,3 +188,28 @@ def test_smaller_wikipedia_cap_reruns_wikipedia_and_downstream_only(workspace, w
     assert "data/extracted/wikipedia.jsonl" in _changed(run, "data/extracted/")
     assert _changed(run, "data/extracted/c4.jsonl") == set()
     assert _changed(run, "data/extracted/dialog/") == set()
+
+
+def test_whole_pipeline_trains_evaluates_and_exports_both_models(short_pipeline):
+    workspace, _ = short_pipeline
+    root = workspace.root
+    for stage in ("pretrain", "finetune"):
+        assert (root / "models" / stage / "model.safetensors").is_file()
+        assert json.loads((root / "metrics" / stage / "metrics.json").read_text())["step"] > 0
+    metrics = json.loads((root / "metrics/evaluate.json").read_text())
+    assert set(metrics) == {"pretrain", "finetune"}
+    assert all(np.isfinite(value) for model in metrics.values() for value in model.values())
+    # Finetuning on dialogues must make the model better at dialogues than the base model.
+    assert metrics["finetune"]["val/dialog/loss"] < metrics["pretrain"]["val/dialog/loss"]
+    for prompt in ("The capital of France is", "What is your name?"):
+        assert prompt in (root / "metrics/completions.md").read_text()
+    for name in ("base", "chat"):
+        files = {path.name for path in (root / "serve/models" / name).iterdir()}
+        assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.model",
+                "tokenizer_config.json", "README.md"} <= files
+
+
+def test_second_repro_of_the_whole_pipeline_runs_nothing(short_pipeline):
+    workspace, lock = short_pipeline
+    assert stages_that_ran(workspace.dvc("repro")) == set()
+    assert workspace.lock() == lock
