@@ -9,21 +9,37 @@ import torch
 from model.gpt import KVCache
 
 
+NUCLEUS_CANDIDATES = 256  # top-p looks at this many most likely tokens first (a full sort is slow)
+
+
 def logits_to_probs(logits, temperature, top_k=None, top_p=None):
-    """Next-token probabilities (..., vocab) after temperature, top-k and nucleus (top-p) filtering."""
+    """Next-token probabilities (B, vocab) after temperature, top-k and nucleus (top-p) filtering."""
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        # Keep the smallest set of tokens whose mass reaches top_p (always at least the first).
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
+        probs = nucleus(probs, top_p)
     return probs
+
+
+def nucleus(probs, top_p):
+    """Keeps the smallest set of most likely tokens whose mass reaches top_p (at least one), renormalised."""
+    candidates, order = torch.topk(probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    if not bool((candidates.sum(dim=-1) >= top_p).all()):  # a flat distribution: the nucleus is wider
+        candidates, order = torch.sort(probs, dim=-1, descending=True)
+    keep = candidates.cumsum(dim=-1) - candidates < top_p
+    kept = torch.zeros_like(probs).scatter(-1, order, candidates * keep)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def draw(probs, generators):
+    """One token per row of `probs`, row i drawn with generators[i]: the inverse CDF of one uniform number."""
+    cdf = probs.cumsum(dim=-1)
+    uniform = torch.stack([torch.rand((), generator=generator) for generator in generators])
+    tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return tokens.clamp(max=probs.shape[-1] - 1)
 
 
 def sample(logits, temperature, top_k=None, top_p=None, generator=None):
@@ -31,7 +47,7 @@ def sample(logits, temperature, top_k=None, top_p=None, generator=None):
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = logits_to_probs(logits.float(), temperature, top_k, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, [generator] * probs.shape[0])
 
 
 @torch.no_grad()

@@ -1,15 +1,42 @@
-"""python -m serve [--host 127.0.0.1] [--port 8080] [--models-dir serve/models]"""
+"""python -m serve [--host 127.0.0.1] [--port 8080] [--models-dir serve/models] [--api-key KEY] ...
+
+Binding to any address but loopback needs an API key (--api-key, or the GPT_SERVE_API_KEY
+environment variable, which other users cannot read in the process list).
+"""
 
 import argparse
+import ipaddress
 import logging
+import os
 
+import torch
 import uvicorn
 
-from serve.app import create_app
+from serve.app import MAX_BODY_BYTES, MAX_GENERATION_SECONDS, MAX_QUEUE, create_app
 
 
-def main():
-    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__)
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # any other host name may resolve to a public interface
+        return False
+
+
+def positive(kind):
+    def parse(text):
+        value = kind(text)
+        if not value > 0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        return value
+
+    return parse
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--models-dir", default="serve/models", help="folder of exported model folders")
@@ -17,9 +44,39 @@ def main():
     parser.add_argument("--precision", choices=("int8", "fp32"), default="int8",
                         help="int8: int8 linear weights, several times faster on CPU (default); "
                              "fp32: exactly the exported weights")
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=positive(int), default=1,
+                        help="torch threads for decoding (default: 1; decoding a few rows is bound by memory, and "
+                             "threads that wait on each other stall whenever another process holds a core)")
+    parser.add_argument("--api-key", default=os.environ.get("GPT_SERVE_API_KEY") or None,
+                        help="required as `Authorization: Bearer KEY` on /v1 (default: $GPT_SERVE_API_KEY); "
+                             "without a key /v1 is open, which only a loopback --host allows")
+    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                        help="an origin whose web pages may call the API, e.g. https://example.org (repeatable; "
+                             "default: none)")
+    parser.add_argument("--max-body-bytes", type=positive(int), default=MAX_BODY_BYTES,
+                        help="largest request body; larger ones get 413 (default: %(default)s)")
+    parser.add_argument("--max-prompt-tokens", type=positive(int), default=None,
+                        help="longest prompt, in tokens (default: each model's context)")
+    parser.add_argument("--max-generation-seconds", type=positive(float), default=MAX_GENERATION_SECONDS,
+                        help="a generation running longer ends with finish_reason 'length' (default: %(default)s)")
+    parser.add_argument("--max-queue", type=positive(int), default=MAX_QUEUE,
+                        help="generations waiting for a batch slot per model; beyond, requests get 429 "
+                             "(default: %(default)s)")
+    args = parser.parse_args(argv)
+    if not is_loopback(args.host) and not args.api_key:
+        parser.error(f"--host {args.host} is reachable from other machines: give an API key with --api-key or "
+                     f"GPT_SERVE_API_KEY (or bind to 127.0.0.1)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    app = create_app(args.models_dir, max_batch=args.max_batch, precision=args.precision)
+    torch.set_num_threads(args.threads)
+    app = create_app(args.models_dir, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
+                     precision=args.precision, api_key=args.api_key, cors_origins=args.cors_origin,
+                     max_prompt_tokens=args.max_prompt_tokens, max_generation_seconds=args.max_generation_seconds,
+                     max_queue=args.max_queue)
     uvicorn.run(app, host=args.host, port=args.port)
 
 

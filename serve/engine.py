@@ -10,12 +10,13 @@ The HTTP side never waits on the model: tokens arrive through an asyncio queue.
 import asyncio
 import queue
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
-from model.generate import sample
+from model.generate import draw, logits_to_probs
 from model.gpt import KVCache
 
 
@@ -40,6 +41,7 @@ class Sampling:
     stop: tuple = ()  # strings
     stop_ids: tuple = ()  # tokens that end the text (not included); min_tokens holds them back
     seed: int | None = None
+    max_seconds: float | None = None  # from submission; when spent, the text ends as at max_tokens ("length")
 
 
 @dataclass
@@ -62,6 +64,11 @@ class Request:
     finish_reason: str | None = None
     cancelled: bool = False
     generator: torch.Generator = None
+    submitted_at: float = field(default_factory=time.monotonic)
+
+    def out_of_time(self):
+        limit = self.sampling.max_seconds
+        return limit is not None and time.monotonic() - self.submitted_at >= limit
 
     def send(self, event):
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -115,7 +122,7 @@ class Engine:
         prompt = torch.tensor([request.prompt_ids])
         logits, _ = self.model(prompt, cache=self.cache, positions=torch.arange(prompt.shape[1])[None])
         self.active.append(request)
-        self._next_token(request, logits[0, -1])
+        self._next_token(request, self._sample([request], logits[:, -1])[0])
         self._drop_finished()
 
     def _decode_step(self):
@@ -123,20 +130,41 @@ class Engine:
         tokens = torch.tensor([[request.new_ids[-1]] for request in self.active])
         positions = torch.tensor([[len(request.prompt_ids) + len(request.new_ids) - 1] for request in self.active])
         logits, _ = self.model(tokens, cache=self.cache, positions=positions)
-        for request, row_logits in zip(self.active, logits[:, -1]):
-            self._next_token(request, row_logits)
+        for request, token in zip(self.active, self._sample(self.active, logits[:, -1])):
+            self._next_token(request, token)
         self._drop_finished()
 
-    def _next_token(self, request, logits):
-        """Samples the request's next token and sends the text it completes."""
+    def _sample(self, requests, logits):
+        """The next token of each request, from its row of (B, vocab) `logits`.
+
+        Rows with the same sampling settings are filtered in one batch; each row then draws with its
+        request's own generator, so a seeded request gives the same text however it was batched.
+        """
+        logits = logits.float()
+        for row, request in enumerate(requests):
+            if len(request.new_ids) < request.sampling.min_tokens:
+                logits[row, list(request.sampling.stop_ids)] = float("-inf")
+        tokens = [0] * len(requests)
+        groups = {}
+        for row, request in enumerate(requests):
+            settings = (request.sampling.temperature, request.sampling.top_k, request.sampling.top_p)
+            groups.setdefault(settings, []).append(row)
+        for (temperature, top_k, top_p), rows in groups.items():
+            if temperature == 0:
+                chosen = logits[rows].argmax(dim=-1)
+            else:
+                probs = logits_to_probs(logits[rows], temperature, top_k, top_p)
+                chosen = draw(probs, [requests[row].generator for row in rows])
+            for row, token in zip(rows, chosen.tolist()):
+                tokens[row] = token
+        return tokens
+
+    def _next_token(self, request, token):
+        """Records the request's next token and sends the text it completes."""
         if request.cancelled:
             request.finish_reason = "cancelled"
             return
         sampling = request.sampling
-        if len(request.new_ids) < sampling.min_tokens:
-            logits[list(sampling.stop_ids)] = float("-inf")
-        token = int(sample(logits[None].float(), sampling.temperature, sampling.top_k, sampling.top_p,
-                           request.generator))
         request.new_ids.append(token)
         finish_reason = None
         if token in sampling.stop_ids:
@@ -149,7 +177,8 @@ class Engine:
             if at != -1:
                 text, finish_reason = text[:at], "stop"
         if finish_reason is None and (len(request.new_ids) >= sampling.max_tokens
-                                      or len(request.prompt_ids) + len(request.new_ids) >= self.context_length):
+                                      or len(request.prompt_ids) + len(request.new_ids) >= self.context_length
+                                      or request.out_of_time()):
             finish_reason = "length"
         if finish_reason is None:
             # Hold back an unfinished UTF-8 character (decoded as U+FFFD) and a possible stop prefix.

@@ -10,7 +10,8 @@ from serve.app import create_app
 
 class RunningServer:
     def __init__(self, models_dir, **options):
-        config = uvicorn.Config(create_app(models_dir, **options), host="127.0.0.1", port=0, log_level="warning")
+        self.app = create_app(models_dir, **options)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -34,13 +34,13 @@ def make_model(vocab_size, tie_embeddings=False, context_length=128, seed=0):
     return GPT(config).eval()
 
 
-def make_exports(folder, tokenizer_path, vocab_size):
+def make_exports(folder, tokenizer_path, vocab_size, context_length=128):
     """serve-able folders `base` (tied head) and `chat` (untied) under `folder`; returns them."""
     summary = {"metrics": {"val/dialog/loss": 3.0}, "training": {"steps": 1}}
     generation = {"temperature": 0.8, "top_k": 50}
     folders = {}
     for name, chat, tied in (("base", False, True), ("chat", True, False)):
-        model = make_model(vocab_size, tie_embeddings=tied, seed=len(name))
+        model = make_model(vocab_size, tie_embeddings=tied, context_length=context_length, seed=len(name))
         folders[name] = Path(folder) / name
         export_model(model, tokenizer_path, folders[name], name, chat, summary, generation)
     return folders
