@@ -334,6 +334,9 @@ def _complete_openapi_schema(app):
     app.openapi = complete_schema
 
 
+GENERATION_FAILED = "generating this reply failed on the server (the error is in its log); retry the request"
+
+
 async def _collect(requests, chat):
     """(choices, completion tokens) once every generation has finished."""
     choices, completion_tokens = [], 0
@@ -342,6 +345,8 @@ async def _collect(requests, chat):
         while event is None or event.finish_reason is None:
             event = await request.events.get()
             text += event.text
+        if event.finish_reason == "error":
+            raise APIError(500, GENERATION_FAILED, code="generation_failed", kind="server_error")
         completion_tokens += event.completion_tokens
         message = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
         choices.append({"index": index, "finish_reason": event.finish_reason, **message})
@@ -391,6 +396,9 @@ async def _stream(requests, model_name, reply_id, created, kind, chat):
             for future in done:
                 index = pending.pop(future)
                 event = future.result()
+                if event.finish_reason == "error":
+                    yield f"data: {json.dumps(error_body(GENERATION_FAILED, code='generation_failed', kind='server_error'))}\n\n"
+                    return
                 yield chunk(index, event.text, event.finish_reason, first=index not in started)
                 started.add(index)
                 if event.finish_reason is None:

@@ -8,6 +8,7 @@ The HTTP side never waits on the model: tokens arrive through an asyncio queue.
 """
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -18,6 +19,8 @@ import torch
 
 from model.generate import draw, logits_to_probs
 from model.gpt import KVCache
+
+log = logging.getLogger("serve")
 
 
 def int8_weights(model):
@@ -107,21 +110,27 @@ class Engine:
     def _run(self):
         with torch.inference_mode():
             while True:
-                if not self.active:
-                    self._admit(self.waiting.get())
-                while len(self.active) < self.max_batch and not self.waiting.empty():
-                    self._admit(self.waiting.get_nowait())
-                if self.active:
-                    self._decode_step()
+                try:
+                    if not self.active:
+                        self._admit(self.waiting.get())
+                    while len(self.active) < self.max_batch and not self.waiting.empty():
+                        self._admit(self.waiting.get_nowait())
+                    if self.active:
+                        self._decode_step()
+                except Exception:
+                    # One bad step must not take the model down: end what was in flight, keep serving.
+                    log.exception("generation step failed; ending the %d requests in flight", len(self.active))
+                    for request in self.active:
+                        request.send(Event("", len(request.new_ids), "error"))
+                    self.active = []
 
     def _admit(self, request):
         if request.cancelled:
             return
-        row = len(self.active)
-        self.cache.first_row = row
+        self.cache.first_row = len(self.active)
+        self.active.append(request)
         prompt = torch.tensor([request.prompt_ids])
         logits, _ = self.model(prompt, cache=self.cache, positions=torch.arange(prompt.shape[1])[None])
-        self.active.append(request)
         self._next_token(request, self._sample([request], logits[:, -1])[0])
         self._drop_finished()
 

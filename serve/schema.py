@@ -13,7 +13,7 @@ MAX_PROMPTS = 16  # prompts in one completion request (each runs n times)
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 MAX_MODEL_NAME_CHARS = 256
-SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.Generator.manual_seed takes, with room for seed + choice
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64; torch's manual_seed takes up to 2**64 - 1, room for seed + choice
 
 
 def _valid_unicode(text):

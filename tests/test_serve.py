@@ -155,3 +155,19 @@ def test_no_loadable_model_is_a_clear_failure(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no loadable model"):
         create_app(tmp_path / "empty")
+
+
+def test_a_failing_generation_step_ends_its_request_and_the_model_keeps_serving(server, monkeypatch):
+    engine = server.app.state.models["base"].engine
+    forward = engine.model.forward
+
+    def fail_once(*args, **kwargs):
+        monkeypatch.setattr(engine.model, "forward", forward)
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(engine.model, "forward", fail_once)
+    failed = post(server, "/v1/completions", json.dumps({"model": "base", "prompt": "Hi", "max_tokens": 4}))
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "generation_failed"
+    assert "injected" not in failed.text
+    served = post(server, "/v1/completions", json.dumps({"model": "base", "prompt": "Hi", "max_tokens": 4}))
+    assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 4

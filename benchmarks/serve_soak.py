@@ -1,0 +1,256 @@
+"""Soak test: the HTTP server under many concurrent clients for minutes, where no error is allowed.
+
+usage (from the repository root):
+    .venv/bin/python benchmarks/serve_soak.py [--duration 180] [--clients 64] [--tiny] [--models-dir DIR ...]
+
+For each models folder (default serve/models; --tiny adds the tiny models of tests/tiny.py, exported
+to a temporary folder), starts `python -m serve` on a free loopback port. Then --clients asyncio
+clients (httpx) send requests for --duration seconds: completions and chat completions, streamed
+or not, small max_tokens, some with n = 2 or stop strings; a few invalid ones (a 400 is expected)
+and a few streams dropped after their first chunk (the server must stop those generations). Each
+client stops at the deadline or after MAX_REQUESTS_PER_CLIENT requests, and each request times out
+after REQUEST_TIMEOUT s, so the run ends by itself. Any other outcome than the expected one counts
+as an error. Prints a markdown table and writes it as the section "## Soak" of BENCHMARKS.md.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.report import machine_line, write_section  # noqa: E402
+
+MAX_REQUESTS_PER_CLIENT = 100_000
+REQUEST_TIMEOUT = 60.0
+# Below the server's keep-alive timeout (uvicorn: 5 s): a client must not send a request on a connection the
+# server is closing as idle, or it meets a reset. Clients in front of the server (proxies) need the same.
+KEEPALIVE_EXPIRY = 2.0
+MAX_BATCH = 16
+PROMPTS = ["The history of the city began when", "Rivers flow", "Once upon a time", "In 1990, the",
+           "The best way to learn a language is"]
+QUESTIONS = ["Hello, how are you?", "What is your name?", "Where do you live?", "Do you like music?"]
+
+
+@dataclass
+class Tally:
+    """Outcomes of one soak run."""
+
+    latencies: list = field(default_factory=list)  # seconds, requests answered in full
+    first_chunks: list = field(default_factory=list)  # seconds to the first chunk of a stream
+    completion_tokens: int = 0
+    streams: int = 0
+    refused: int = 0  # invalid requests answered 400, as expected
+    dropped: int = 0  # streams the client closed after the first chunk
+    errors: list = field(default_factory=list)  # what went wrong, client side and in the server log
+    wall: float = 0.0  # seconds under load
+    rss_start: float = 0.0  # MB, once the server is up
+    rss_end: float = 0.0
+    rss_peak: float = 0.0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid):
+    """(current, peak) resident memory of process `pid` in MB, from /proc/PID/status."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return tuple(int(fields[name].split()[0]) / 1024 for name in ("VmRSS", "VmHWM"))
+
+
+def export_tiny_models(folder):
+    from tests.tiny import make_exports, make_tokenizer
+
+    tokenizer_path, tokenizer = make_tokenizer(folder)
+    make_exports(folder / "models", tokenizer_path, tokenizer.vocab_size)
+    return folder / "models"
+
+
+def pick_request(rng, models, chat_models):
+    """(body, expected outcome) of a random request; the outcome is "reply", "refused" or "drop"."""
+    chat = bool(chat_models) and rng.random() < 0.5
+    body = {"model": rng.choice(chat_models if chat else models), "max_tokens": rng.choice([4, 8, 16, 32]),
+            "temperature": rng.choice([0, 0.7, 1.0]), "seed": rng.randrange(1000)}
+    if chat:
+        body["messages"] = [{"role": "user", "content": rng.choice(QUESTIONS)}]
+    else:
+        body["prompt"] = rng.choice(PROMPTS)
+    roll = rng.random()
+    if roll < 0.05:
+        return {**body, "temperature": 5}, "refused"
+    if roll < 0.10:
+        return {**body, "stream": True, "max_tokens": 32, "min_tokens": 32}, "drop"
+    if roll < 0.55:  # a stream of exactly max_tokens tokens, so that its tokens are counted
+        return {**body, "stream": True, "min_tokens": body["max_tokens"]}, "reply"
+    extras = rng.choice([{}, {"n": 2}, {"stop": ["."]}, {"min_tokens": body["max_tokens"]}])
+    return {**body, **extras}, "reply"
+
+
+async def one_request(client, url, path, body, expected, tally):
+    start = time.perf_counter()
+    if not body.get("stream"):
+        response = await client.post(url + path, json=body)
+        if expected == "refused":
+            if response.status_code != 400:
+                raise AssertionError(f"expected 400, got {response.status_code}: {response.text[:200]}")
+            tally.refused += 1
+            return
+        response.raise_for_status()
+        tally.completion_tokens += response.json()["usage"]["completion_tokens"]
+        tally.latencies.append(time.perf_counter() - start)
+        return
+    async with client.stream("POST", url + path, json=body) as response:
+        response.raise_for_status()
+        events = []
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            if not events:
+                tally.first_chunks.append(time.perf_counter() - start)
+            events.append(line[len("data: "):])
+            if expected == "drop":  # leave mid-stream: closing the response closes the connection
+                tally.dropped += 1
+                return
+    if events[-1] != "[DONE]" or json.loads(events[-2])["choices"][0]["finish_reason"] != "length":
+        raise AssertionError(f"a stream ended without [DONE] after a last chunk: {events[-2:]}")
+    tally.streams += 1
+    tally.completion_tokens += body["max_tokens"]
+    tally.latencies.append(time.perf_counter() - start)
+
+
+async def soak(url, clients, duration):
+    limits = httpx.Limits(max_connections=clients, keepalive_expiry=KEEPALIVE_EXPIRY)
+    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT, limits=limits) as client:
+        listing = (await client.get(url + "/v1/models")).json()["data"]
+        models = [card["id"] for card in listing]
+        chat_models = [card["id"] for card in listing if card.get("chat")]
+        tally = Tally()
+        deadline = time.monotonic() + duration
+
+        async def client_loop(index):
+            rng = random.Random(index)
+            for _ in range(MAX_REQUESTS_PER_CLIENT):
+                if time.monotonic() >= deadline:
+                    return
+                body, expected = pick_request(rng, models, chat_models)
+                path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+                try:
+                    await one_request(client, url, path, body, expected, tally)
+                except Exception as error:  # counted, and the client goes on
+                    request = f"{path} {'stream' if body.get('stream') else 'json'} ({expected})"
+                    when = f"at {duration - (deadline - time.monotonic()):.1f} s"
+                    tally.errors.append(f"{when}, {request}: {type(error).__name__}: {error!r}"[:300])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(index) for index in range(clients)))
+        tally.wall = time.perf_counter() - start
+        health = await client.get(url + "/health")
+        if health.status_code != 200:
+            tally.errors.append(f"/health after the soak: {health.status_code} {health.text[:200]}")
+    return tally
+
+
+def run_server_and_soak(models_dir, clients, duration):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tempfile.TemporaryFile("w+")  # the server's stderr: read for errors afterwards
+    server = subprocess.Popen([sys.executable, "-m", "serve", "--port", str(port), "--models-dir", str(models_dir),
+                               "--max-batch", str(MAX_BATCH)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the server did not start")
+                time.sleep(0.5)
+        rss_start, _ = rss_mb(server.pid)
+        tally = asyncio.run(soak(url, clients, duration))
+        tally.rss_start, (tally.rss_end, tally.rss_peak) = rss_start, rss_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    log.seek(0)
+    tally.errors += [f"server log: {line}" for line in log.read().splitlines()
+                     if line.startswith(("ERROR", "WARNING", "Traceback"))]
+    return tally
+
+
+def percentile(values, share):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=180, help="seconds of load per models folder")
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--tiny", action="store_true", help="also soak the tiny models of tests/tiny.py")
+    parser.add_argument("--models-dir", action="append", help="a folder of exported models (repeatable; "
+                                                              "default: serve/models unless --tiny)")
+    args = parser.parse_args()
+    rows, problems = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        targets = [("tests/tiny.py models", export_tiny_models(Path(tmp)))] if args.tiny else []
+        targets += [(folder, Path(folder)) for folder in args.models_dir or ([] if args.tiny else ["serve/models"])]
+        for name, models_dir in targets:
+            load_before = os.getloadavg()[0]
+            tally = run_server_and_soak(models_dir, args.clients, args.duration)
+            answered = len(tally.latencies)
+            rows.append(
+                f"| {name} | {tally.wall:.0f} | {args.clients} | {answered + tally.refused + tally.dropped} "
+                f"({answered} answered, {tally.streams} of them streamed; {tally.refused} refused as expected; "
+                f"{tally.dropped} dropped mid-stream) | **{len(tally.errors)}** | "
+                f"{statistics.median(tally.latencies):.2f} / {percentile(tally.latencies, 0.9):.2f} / "
+                f"{percentile(tally.latencies, 0.99):.2f} | {statistics.median(tally.first_chunks):.3f} / "
+                f"{percentile(tally.first_chunks, 0.99):.3f} | {tally.completion_tokens / tally.wall:.0f} | "
+                f"{tally.rss_start:.0f} / {tally.rss_end:.0f} (peak {tally.rss_peak:.0f}) | {load_before:.1f} |")
+            problems += [f"{name}: {error}" for error in tally.errors[:10]]
+    lines = [
+        f"Command: `.venv/bin/python benchmarks/serve_soak.py --duration {args.duration:g} --clients {args.clients}"
+        f"{' --tiny' if args.tiny else ''}{''.join(f' --models-dir {d}' for d in args.models_dir or [])}`. "
+        f"{machine_line()}",
+        "",
+        f"`python -m serve --max-batch {MAX_BATCH}` (default precision and limits) in its own process; "
+        f"{args.clients} asyncio clients send requests back to back: half chat (on chat models), half completions; "
+        f"about half streamed (exactly max_tokens tokens each), the rest with n = 2, a stop string or min_tokens; "
+        f"max_tokens 4 to 32; idle connections are dropped after {KEEPALIVE_EXPIRY:g} s, under the server's 5 s "
+        f"keep-alive. 5% are invalid (temperature 5: a 400 is expected) and 5% are streams the client "
+        f"drops after the first chunk. An error is any other outcome: another status, a timeout "
+        f"({REQUEST_TIMEOUT:g} s), a stream without `[DONE]`, a warning or error in the server log, /health failing "
+        f"after the run.",
+        "",
+        "| models | seconds | clients | requests | errors | latency p50 / p90 / p99 (s) | first chunk p50 / p99 (s) "
+        "| tokens/s | server RSS start / end (MB) | load avg before |",
+        "|---|---:|---:|---|---:|---|---|---:|---|---:|",
+        *rows,
+    ]
+    if problems:
+        lines += ["", "Errors (first ones):", "", *(f"- `{problem}`" for problem in problems)]
+    report = "\n".join(lines)
+    print(report)
+    write_section("## Soak", report)
+    if problems:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
