@@ -139,7 +139,7 @@ def main():
         "",
         f"Speed-up over the reference: **{ours / reference:.2f}x**. At {ours:.0f} tokens/s the ryangpt schedule "
         f"({schedule_tokens / 1e9:.2f}B tokens) would take {schedule_tokens / ours / 86400:.0f} days on this CPU: "
-        f"it is a GPU job (see below); the sample profile is what CPUs run.",
+        f"it is a GPU job (section GPU); the sample profile is what CPUs run.",
     ]
     report = "\n".join(lines)
     print(report)
