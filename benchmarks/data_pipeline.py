@@ -105,15 +105,19 @@ def heaps_exponent(lines, seed):
     return np.polyfit(*np.log(points).T, 1)[0]
 
 
+def blend(head, tail):
+    """A new word: the first half of `head` and the second half of `tail`."""
+    return head[: (len(head) + 1) // 2] + tail[len(tail) // 2 :]
+
+
 def variant_lines(lines, n_lines, beta, seed):
-    """`n_lines` lines: copies of `lines` where some words are replaced by new ones; and the distinct words.
+    """`n_lines` lines: copies of `lines` in which some words are replaced by new ones.
 
     Copy c (c >= 1) replaces each word with the probability that makes the distinct words of the first
-    c + 1 copies about distinct(slice) * (c + 1) ** beta (Heaps' law). A new word joins the first half of
-    a random slice word to the second half of another, so its characters and length look like real
-    rare words. Plain replication would keep the slice's distinct words, which understates BPE's work:
-    sentencepiece counts the distinct whitespace-separated words (which is also why shuffling words
-    within lines would change nothing for it).
+    c + 1 copies about distinct(slice) * (c + 1) ** beta (Heaps' law). A new word blends two random
+    slice words, so its characters and length look like those of real rare words. Plain replication
+    keeps the slice's distinct words, which understates BPE's work: sentencepiece counts distinct
+    whitespace-separated words (which is also why shuffling words within lines would not help).
     """
     rng = np.random.default_rng(seed)
     words = [line.split(" ") for line in lines]
@@ -121,7 +125,6 @@ def variant_lines(lines, n_lines, beta, seed):
     line_of_word = np.repeat(np.arange(len(lines)), per_line)
     first_word = np.cumsum(per_line) - per_line
     vocabulary = sorted(words_of(lines))
-    known, new_words = set(vocabulary), set()
     out, copy = list(lines), 1
     while len(out) < n_lines:
         share = len(vocabulary) * ((copy + 1) ** beta - copy**beta) / len(line_of_word)
@@ -130,13 +133,11 @@ def variant_lines(lines, n_lines, beta, seed):
         changed = {}
         for position, (head, tail) in zip(replaced.tolist(), donors.tolist()):
             line = int(line_of_word[position])
-            new = vocabulary[head][: (len(vocabulary[head]) + 1) // 2] + vocabulary[tail][len(vocabulary[tail]) // 2 :]
-            changed.setdefault(line, list(words[line]))[position - int(first_word[line])] = new
-            if new not in known:
-                new_words.add(new)
+            changed.setdefault(line, list(words[line]))[position - int(first_word[line])] = blend(
+                vocabulary[head], vocabulary[tail])
         out.extend(" ".join(changed[i]) if i in changed else line for i, line in enumerate(lines))
         copy += 1
-    return out[:n_lines], len(known) + len(new_words)
+    return out[:n_lines]
 
 
 def replicated_lines(lines, n_lines):
@@ -182,13 +183,13 @@ def bench_bpe(lines, profile):
     vocab = sizes[0]
     beta = heaps_exponent(lines, profile["seed"])
     counts = (*FIT_LINE_COUNTS, profile["tokenizer"]["max_sentences"])
-    synthetic, distinct = variant_lines(lines, counts[-1], beta, profile["seed"])
+    synthetic = variant_lines(lines, counts[-1], beta, profile["seed"])
     rows = []
     for n in counts:
         variants_s, _ = time_bpe(synthetic[:n], vocab, profile)
         replicated_s, _ = time_bpe(replicated_lines(lines, n), vocab, profile)
-        words = distinct if n == counts[-1] else len(words_of(synthetic[:n]))
-        rows.append({"lines": n, "distinct": words, "variants_s": variants_s, "replicated_s": replicated_s})
+        rows.append({"lines": n, "distinct": len(words_of(synthetic[:n])), "variants_s": variants_s,
+                     "replicated_s": replicated_s})
     fit = np.polyfit(np.log(counts[:-1]), np.log([row["variants_s"] for row in rows[:-1]]), 1)
     return {
         "vocab": vocab, "too_small": too_small, "beta": beta, "rows": rows, "fit_exponent": fit[0],
@@ -317,7 +318,8 @@ def render_encoding(info, bpe, encoding):
 
 
 def render(info, corpus, bpe, encoding):
-    return "\n".join(render_header(info, corpus) + render_bpe(info, corpus, bpe) + render_encoding(info, bpe, encoding))
+    sections = render_header(info, corpus) + render_bpe(info, corpus, bpe) + render_encoding(info, bpe, encoding)
+    return "\n".join(sections)
 
 
 def write_section(section):

@@ -1,11 +1,17 @@
-"""Shared by the benchmark scripts: the machine description and BENCHMARKS.md section updates."""
+"""Shared by the benchmark scripts: the machine description, BENCHMARKS.md sections, a server to load."""
 
 import datetime
 import os
 import platform
 import re
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import torch
 
 REPORT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -35,3 +41,28 @@ def write_section(heading, body):
     else:
         text = text.rstrip() + "\n\n" + section
     REPORT.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def running_server(models_dir, *options, stderr=subprocess.DEVNULL):
+    """`python -m serve` on a free loopback port with `options`; yields (url, process) once /health answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "serve", "--port", str(port), "--models-dir", str(models_dir),
+                               *options], cwd=REPORT.parent, stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=1).raise_for_status()
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the server did not start")
+                time.sleep(0.5)
+        yield url, server
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

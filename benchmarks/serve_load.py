@@ -12,9 +12,7 @@ on a loopback port for each precision, and runs the clients (every request gener
 import argparse
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.report import machine_line, write_section  # noqa: E402
+from benchmarks.report import machine_line, running_server, write_section  # noqa: E402
 from model.corpus import clean_c4, clean_wikipedia, extract_documents  # noqa: E402
 from model.export import export_model  # noqa: E402
 from model.gpt import GPT, GPTConfig  # noqa: E402
@@ -59,12 +57,6 @@ def build_export(folder):
     model = GPT(GPTConfig(vocab_size=params.tokenizer.vocab_size, **asdict(params.model)))
     export_model(model, tokenizer_path, folder / "models" / "base", "base", False, {}, {"temperature": 0.8})
     return folder / "models" / "base", Tokenizer(tokenizer_path)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def one_request(client, url, tokens, seed):
@@ -101,26 +93,10 @@ async def load_round(url, clients, tokens):
 
 
 def serve_and_measure(models_dir, precision, tokens):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "serve", "--port", str(port), "--models-dir", str(models_dir),
-                               "--max-batch", str(max(CLIENT_COUNTS)), "--precision", precision],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(url + "/health", timeout=1).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start")
-                time.sleep(0.5)
+    options = ("--max-batch", str(max(CLIENT_COUNTS)), "--precision", precision)
+    with running_server(models_dir, *options) as (url, _):
         asyncio.run(load_round(url, 1, 8))  # warm-up
         return [asyncio.run(load_round(url, clients, tokens)) for clients in CLIENT_COUNTS]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def hf_generate(folder, tokenizer, tokens):

@@ -18,9 +18,7 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.report import machine_line, write_section  # noqa: E402
+from benchmarks.report import machine_line, running_server, write_section  # noqa: E402
 
 MAX_REQUESTS_PER_CLIENT = 100_000
 REQUEST_TIMEOUT = 60.0
@@ -60,12 +58,6 @@ class Tally:
     rss_start: float = 0.0  # MB, once the server is up
     rss_end: float = 0.0
     rss_peak: float = 0.0
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid):
@@ -167,27 +159,11 @@ async def soak(url, clients, duration):
 
 
 def run_server_and_soak(models_dir, clients, duration):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = tempfile.TemporaryFile("w+")  # the server's stderr: read for errors afterwards
-    server = subprocess.Popen([sys.executable, "-m", "serve", "--port", str(port), "--models-dir", str(models_dir),
-                               "--max-batch", str(MAX_BATCH)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                httpx.get(url + "/health", timeout=1).raise_for_status()
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start")
-                time.sleep(0.5)
+    with running_server(models_dir, "--max-batch", str(MAX_BATCH), stderr=log) as (url, server):
         rss_start, _ = rss_mb(server.pid)
         tally = asyncio.run(soak(url, clients, duration))
         tally.rss_start, (tally.rss_end, tally.rss_peak) = rss_start, rss_mb(server.pid)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     log.seek(0)
     tally.errors += [f"server log: {line}" for line in log.read().splitlines()
                      if line.startswith(("ERROR", "WARNING", "Traceback"))]
