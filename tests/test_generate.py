@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from model.generate import generate, logits_to_probs, sample
-from model.gpt import GPT, GPTConfig, KVCache
+from model.gpt import KVCache
+from tests.tiny import tiny_model
 
 VOCAB = 256
 CONTEXT = 32
@@ -20,16 +21,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_config(**overrides):
-    values = dict(vocab_size=VOCAB, context_length=CONTEXT, n_layers=2, d_model=32, n_heads=4, d_ff=64,
-                  tie_embeddings=True, rope_theta=10000.0, norm_eps=1e-5)
-    values.update(overrides)
-    return GPTConfig(**values)
-
-
 def random_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return GPT(tiny_config(**overrides)).eval()
+    return tiny_model(seed, **overrides).eval()
 
 
 def markov_chain(n_tokens, seed):

@@ -10,6 +10,7 @@ import yaml
 
 from model.gpt import GPT, IGNORE_INDEX, GPTConfig, apply_rope, load_model, rope_tables, save_model
 from model.params import ParamsError, parse_params
+from tests.tiny import tiny_config, tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,18 +22,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_config(**overrides):
-    values = dict(vocab_size=300, context_length=32, n_layers=2, d_model=32, n_heads=4, d_ff=64,
-                  tie_embeddings=True, rope_theta=10000.0, norm_eps=1e-5)
-    values.update(overrides)
-    return GPTConfig(**values)
-
-
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return GPT(tiny_config(**overrides)).eval()
 
 
 def random_tokens(config, length, seed=0, batch=1):

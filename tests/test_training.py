@@ -27,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:  # as a torchrun worker script
     sys.path.insert(0, str(REPO_ROOT))
 
 from model.encoding import encode_dialogues  # noqa: E402
-from model.gpt import GPT, IGNORE_INDEX, GPTConfig, load_model  # noqa: E402
+from model.gpt import IGNORE_INDEX, load_model  # noqa: E402
 from model.params import ParamsError, TrainParams, parse_params  # noqa: E402
 from model.tokenizer import ASSISTANT_ID, END_OF_TEXT_ID, USER_ID, Tokenizer, train_bpe  # noqa: E402
 from model.training import (  # noqa: E402
@@ -42,9 +42,16 @@ from model.training import (  # noqa: E402
     resume_state,
     train,
 )
+from tests import tiny  # noqa: E402
 
 VOCAB = 128
 CONTEXT = 16
+
+
+def tiny_model(seed=0):
+    return tiny.tiny_model(seed, vocab_size=VOCAB, context_length=CONTEXT)
+
+
 CPU = torch.device("cpu")
 
 
@@ -78,18 +85,6 @@ def markov_chain(n_tokens, seed, table_seed=0):
     for i in range(1, n_tokens):
         tokens[i] = table[tokens[i - 1], coins[i]]
     return tokens
-
-
-def tiny_config(**overrides):
-    values = dict(vocab_size=VOCAB, context_length=CONTEXT, n_layers=2, d_model=32, n_heads=4, d_ff=64,
-                  tie_embeddings=True, rope_theta=10000.0, norm_eps=1e-5)
-    values.update(overrides)
-    return GPTConfig(**values)
-
-
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return GPT(tiny_config(**overrides))
 
 
 def train_params(**overrides):

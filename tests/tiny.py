@@ -27,6 +27,18 @@ def make_tokenizer(folder, vocab_size=600):
     return path, Tokenizer(path)
 
 
+def tiny_config(vocab_size=256, context_length=32, **overrides):
+    """A model config small enough for unit tests: 2 layers, width 32, 4 heads."""
+    values = dict(vocab_size=vocab_size, context_length=context_length, n_layers=2, d_model=32, n_heads=4,
+                  d_ff=64, tie_embeddings=True, rope_theta=10000.0, norm_eps=1e-5)
+    return GPTConfig(**{**values, **overrides})
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**overrides))
+
+
 def make_model(vocab_size, tie_embeddings=False, context_length=128, seed=0):
     torch.manual_seed(seed)
     config = GPTConfig(vocab_size=vocab_size, context_length=context_length, n_layers=2, d_model=64, n_heads=4,
