@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # `python -m pytest` from the repo root finds `model` anyway; a bare `pytest` run from elsewhere needs this.
@@ -134,3 +135,12 @@ def short_pipeline(tmp_path_factory):
     workspace = make_workspace(tmp_path_factory, "short-pipeline", params=SHORT_TRAINING)
     workspace.dvc("repro")
     return workspace, workspace.lock()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

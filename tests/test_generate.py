@@ -8,17 +8,10 @@ from model.generate import generate, logits_to_probs, sample
 from model.gpt import KVCache
 from tests.tiny import tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 VOCAB = 256
 CONTEXT = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_model(seed=0, **overrides):

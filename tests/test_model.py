@@ -12,16 +12,9 @@ from model.gpt import GPT, IGNORE_INDEX, GPTConfig, apply_rope, load_model, rope
 from model.params import ParamsError, parse_params
 from tests.tiny import tiny_config, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_tokens(config, length, seed=0, batch=1):

@@ -13,6 +13,7 @@ import pytest
 from serve.__main__ import parse_args
 from tests.server import RunningServer
 from tests.tiny import make_exports, make_tokenizer
+from tests.browser import headless_chromium
 
 KEY = "s3cret-key"
 AUTHORIZED = {"Authorization": f"Bearer {KEY}"}
@@ -327,20 +328,10 @@ def test_url_paths_reach_no_file(linked_server, path):
 
 
 def test_the_web_ui_sends_the_api_key_it_keeps(keyed_server, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver")
+    browser = headless_chromium(tmp_path / "profile")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
-    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and chromedriver):
-        pytest.skip("needs Debian's chromium and chromium-driver")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=chromedriver))
     try:
         wait = WebDriverWait(browser, 20)
         browser.get(keyed_server.url + "/")

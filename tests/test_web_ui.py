@@ -1,17 +1,15 @@
 """The web UI in a real headless browser (Debian's chromium + chromedriver; skipped where absent)."""
 
-import shutil
-
 import pytest
 
+from tests.browser import CHROMEDRIVER, CHROMIUM, headless_chromium
 from tests.server import RunningServer
 from tests.tiny import make_exports, make_tokenizer
 
-webdriver = pytest.importorskip("selenium.webdriver")
+pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
 
 
@@ -20,14 +18,8 @@ def page(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ui")
     tokenizer_path, tokenizer = make_tokenizer(folder)
     make_exports(folder / "models", tokenizer_path, tokenizer.vocab_size)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={folder / 'profile'}"):
-        options.add_argument(flag)
     with RunningServer(folder / "models") as server:
-        browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+        browser = headless_chromium(folder / "profile")
         try:
             browser.get(server.url + "/")
             WebDriverWait(browser, 20).until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 2)
