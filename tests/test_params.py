@@ -107,3 +107,34 @@ def test_empty_string_source_is_named(raw):
     raw["dialog"]["source"] = ""
     assert "dialog.source" in _error(raw)
 
+
+# Training and model params
+
+
+@pytest.mark.parametrize("steps", [0, -5])
+def test_non_positive_steps_is_an_error_naming_the_key(raw, steps):
+    raw["pretrain"]["steps"] = steps
+    assert "pretrain.steps" in _error(raw)
+
+
+def test_warmup_longer_than_training_is_an_error_naming_the_key(raw):
+    raw["finetune"]["warmup_steps"] = raw["finetune"]["steps"] + 1
+    assert "finetune.warmup_steps" in _error(raw)
+
+
+def test_min_lr_above_lr_is_an_error_naming_the_key(raw):
+    raw["pretrain"]["min_lr"] = raw["pretrain"]["lr"] * 2
+    assert "pretrain.min_lr" in _error(raw)
+
+
+def test_unknown_device_is_an_error_naming_the_key(raw):
+    raw["finetune"]["device"] = "tpu"
+    message = _error(raw)
+    assert "finetune.device" in message
+    assert "tpu" in message
+
+
+def test_the_shipped_training_params_pass_the_checks(raw):
+    params = parse_params(raw)
+    assert params.pretrain.warmup_steps <= params.pretrain.steps
+    assert params.finetune.min_lr <= params.finetune.lr

@@ -5,7 +5,6 @@ Run as a script (`torchrun --nproc_per_node 2 tests/test_training.py OUT_DIR`) t
 DDP worker of `test_two_gloo_processes_train_like_one_process_with_the_same_global_batch`.
 """
 
-import copy
 import json
 import math
 import os
@@ -18,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -28,7 +26,7 @@ if str(REPO_ROOT) not in sys.path:  # as a torchrun worker script
 
 from model.encoding import encode_dialogues  # noqa: E402
 from model.gpt import IGNORE_INDEX, load_model  # noqa: E402
-from model.params import ParamsError, TrainParams, parse_params  # noqa: E402
+from model.params import TrainParams  # noqa: E402
 from model.tokenizer import ASSISTANT_ID, END_OF_TEXT_ID, USER_ID, Tokenizer, train_bpe  # noqa: E402
 from model.training import (  # noqa: E402
     TrainingError,
@@ -531,50 +529,6 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tm
     for name, tensor in single.items():
         torch.testing.assert_close(rank0[name], tensor, rtol=0, atol=1e-5, msg=f"tensor {name}")
         assert not torch.equal(tensor, initial[name]), f"tensor {name} did not train"
-
-
-# --- training params -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def raw_params():
-    with open(REPO_ROOT / "params.yaml", encoding="utf-8") as f:
-        return copy.deepcopy(yaml.safe_load(f))
-
-
-def params_error(raw):
-    with pytest.raises(ParamsError) as info:
-        parse_params(raw)
-    return str(info.value)
-
-
-@pytest.mark.parametrize("steps", [0, -5])
-def test_non_positive_steps_is_an_error_naming_the_key(raw_params, steps):
-    raw_params["pretrain"]["steps"] = steps
-    assert "pretrain.steps" in params_error(raw_params)
-
-
-def test_warmup_longer_than_training_is_an_error_naming_the_key(raw_params):
-    raw_params["finetune"]["warmup_steps"] = raw_params["finetune"]["steps"] + 1
-    assert "finetune.warmup_steps" in params_error(raw_params)
-
-
-def test_min_lr_above_lr_is_an_error_naming_the_key(raw_params):
-    raw_params["pretrain"]["min_lr"] = raw_params["pretrain"]["lr"] * 2
-    assert "pretrain.min_lr" in params_error(raw_params)
-
-
-def test_unknown_device_is_an_error_naming_the_key(raw_params):
-    raw_params["finetune"]["device"] = "tpu"
-    message = params_error(raw_params)
-    assert "finetune.device" in message
-    assert "tpu" in message
-
-
-def test_the_shipped_training_params_pass_the_checks(raw_params):
-    params = parse_params(raw_params)
-    assert params.pretrain.warmup_steps <= params.pretrain.steps
-    assert params.finetune.min_lr <= params.finetune.lr
 
 
 if __name__ == "__main__":
