@@ -147,16 +147,40 @@ class GPT(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # GPT-2's scaling: each residual branch adds to the stream, so its output starts smaller.
-        for name, param in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+        self.init_weights("gpt2")
 
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    @torch.no_grad()
+    def init_weights(self, scheme):
+        """Draws fresh weights: 'gpt2', 'zero_out' or 'reference' (see PretrainParams.init)."""
+        residual_outputs = [block.attn.o_proj.weight for block in self.layers] + [
+            block.mlp.down_proj.weight for block in self.layers]
+        for module in self.modules():
+            if isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, nn.Embedding):
+                if scheme == "reference":
+                    nn.init.trunc_normal_(module.weight, std=1.0, a=-3.0, b=3.0)
+                else:
+                    nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, nn.Linear) and not (module is self.lm_head and self.config.tie_embeddings):
+                if scheme == "reference":
+                    std = math.sqrt(2 / (module.in_features + module.out_features))
+                    nn.init.trunc_normal_(module.weight, std=std, a=-3 * std, b=3 * std)
+                else:
+                    nn.init.normal_(module.weight, std=0.02)
+        if scheme == "gpt2":
+            # Each residual branch adds to the stream, so its output starts smaller.
+            for weight in residual_outputs:
+                nn.init.normal_(weight, std=0.02 / math.sqrt(2 * self.config.n_layers))
+        elif scheme == "zero_out":
+            # Every block starts as the identity and the first logits are uniform; the updates
+            # (Muon's especially, which are full-rank) grow them from there.
+            for weight in residual_outputs:
+                nn.init.zeros_(weight)
+            if not self.config.tie_embeddings:
+                nn.init.zeros_(self.lm_head.weight)
+        elif scheme != "reference":
+            raise ValueError(f"unknown init {scheme!r}; valid: gpt2, zero_out, reference")
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
@@ -207,13 +231,18 @@ class GPT(nn.Module):
                                 reduction="sum")
         return logits, total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
-    def optimizer_groups(self, weight_decay):
-        """AdamW groups: decay on matrices (projections, embeddings), none on norm weights."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
+    def parameter_groups(self):
+        """The parameters by role, each once: hidden matrices (attention and feed-forward
+        projections, all 2-D), the token embedding (the head too when tied), an untied output
+        head, and the RMSNorm gains."""
+        groups = {
+            "matrices": [p for block in self.layers for p in block.parameters() if p.dim() == 2],
+            "embedding": [self.embed.weight],
+            "head": [] if self.config.tie_embeddings else [self.lm_head.weight],
+            "gains": [p for p in self.parameters() if p.dim() == 1],
+        }
+        assert sum(len(g) for g in groups.values()) == len(list(self.parameters()))
+        return groups
 
 
 def save_model(model, out_dir):

@@ -100,15 +100,25 @@ class ModelParams:
         _require(0 < self.norm_eps < 1, f"{key}.norm_eps", f"must be in (0, 1), got {self.norm_eps}")
 
 
+OPTIMIZERS = ("muon", "adamw")
+SCHEDULES = ("wsd", "cosine")
+INITS = ("gpt2", "zero_out", "reference")
+
+
 @dataclass(frozen=True)
 class TrainParams:
     steps: int
     batch_size: int  # sequences per micro-batch, across all processes
     grad_accum: int  # micro-batches per optimizer step
-    lr: float
-    min_lr: float  # cosine decay ends here
+    optimizer: str  # muon: Muon on hidden matrices, AdamW on the rest; adamw: AdamW on everything
+    lr: float  # AdamW's peak learning rate (with muon: the output head and the norm gains)
+    embed_lr: float  # with muon: AdamW's peak learning rate of the token embedding
+    matrix_lr: float  # with muon: Muon's peak learning rate of the hidden matrices
+    schedule: str  # wsd: warmup, stable, linear decay; cosine: warmup, cosine decay
+    min_lr: float  # the schedule ends at min_lr / lr of every group's peak
     warmup_steps: int
-    weight_decay: float  # on matrices only
+    decay_fraction: float  # wsd: the final fraction of steps that decays linearly to min_lr
+    weight_decay: float  # decoupled; on matrices only (never on norm gains)
     beta1: float
     beta2: float
     grad_clip: float
@@ -124,10 +134,18 @@ class TrainParams:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "checkpoint_every"):
             value = getattr(self, name)
             _require(value > 0, f"{key}.{name}", f"must be positive, got {value}")
-        _require(self.lr > 0, f"{key}.lr", f"must be positive, got {self.lr}")
+        _require(self.optimizer in OPTIMIZERS, f"{key}.optimizer",
+                 f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        _require(self.schedule in SCHEDULES, f"{key}.schedule",
+                 f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for name in ("lr", "embed_lr", "matrix_lr"):
+            value = getattr(self, name)
+            _require(value > 0, f"{key}.{name}", f"must be a positive learning rate, got {value}")
         _require(0 <= self.min_lr <= self.lr, f"{key}.min_lr", f"must be in [0, {key}.lr = {self.lr}], got {self.min_lr}")
         _require(0 <= self.warmup_steps <= self.steps, f"{key}.warmup_steps",
                  f"must be in [0, {key}.steps = {self.steps}], got {self.warmup_steps}")
+        _require(0 < self.decay_fraction <= 1, f"{key}.decay_fraction",
+                 f"must be in (0, 1] (the share of steps spent decaying), got {self.decay_fraction}")
         _require(self.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {self.weight_decay}")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
@@ -139,6 +157,18 @@ class TrainParams:
                  f"must be a multiple of {key}.log_every ({self.log_every}), got {self.checkpoint_every}")
         _require(self.device in ("auto", "cpu", "cuda"), f"{key}.device",
                  f"must be one of auto, cpu, cuda, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class PretrainParams(TrainParams):
+    # gpt2: N(0, 0.02), residual-branch outputs N(0, 0.02 / sqrt(2 n_layers));
+    # zero_out: gpt2 with residual-branch outputs and an untied head starting at zero;
+    # reference: RyanGPT's (embedding N(0, 1), linear layers Xavier-normal, both cut at 3 sigma)
+    init: str
+
+    def check(self, key):
+        super().check(key)
+        _require(self.init in INITS, f"{key}.init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
 
 
 @dataclass(frozen=True)
@@ -165,7 +195,7 @@ class Params:
     combine: CombineParams
     tokenizer: TokenizerParams
     model: ModelParams
-    pretrain: TrainParams
+    pretrain: PretrainParams
     finetune: TrainParams
     evaluate: EvaluateParams
 

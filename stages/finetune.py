@@ -12,7 +12,7 @@ from model.evaluation import dialog_evaluator
 from model.gpt import load_model
 from model.params import load_params
 from model.tokenizer import Tokenizer
-from model.training import TrainingError, batch_rng, checkpoint_identity, dialogue_batch, train
+from model.training import RunPaths, TrainingError, batch_rng, checkpoint_identity, dialogue_batch, train
 
 
 def main(token_dir, tokenizer_model, pretrained_dir, checkpoint, out_dir, live_dir):
@@ -35,7 +35,8 @@ def main(token_dir, tokenizer_model, pretrained_dir, checkpoint, out_dir, live_d
 
     base = hashlib.sha256(Path(pretrained_dir, "model.safetensors").read_bytes()).hexdigest()
     identity = checkpoint_identity(model.config, train_params, params.seed, {"tokens": load_meta(token_dir), "base": base})
-    train(model, train_params, sample_batch, evaluate, checkpoint, live_dir, out_dir, identity, "finetune")
+    train(model, train_params, sample_batch=sample_batch, evaluate=evaluate, paths=RunPaths(checkpoint, live_dir, out_dir),
+          identity=identity, unique_tokens=len(tokens), desc="finetune")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from model.evaluation import heldout_evaluator
 from model.gpt import GPT, GPTConfig
 from model.params import load_params
 from model.tokenizer import Tokenizer
-from model.training import TrainingError, batch_rng, checkpoint_identity, pretraining_batch, train
+from model.training import RunPaths, TrainingError, batch_rng, checkpoint_identity, pretraining_batch, train
 
 
 def main(token_dir, tokenizer_model, checkpoint, out_dir, live_dir):
@@ -32,9 +32,11 @@ def main(token_dir, tokenizer_model, checkpoint, out_dir, live_dir):
 
     torch.manual_seed(params.seed)
     model = GPT(config)
+    model.init_weights(train_params.init)
     print(f"pretrain: {model.num_parameters() / 1e6:.2f}M parameters")
     identity = checkpoint_identity(config, train_params, params.seed, load_meta(token_dir))
-    train(model, train_params, sample_batch, evaluate, checkpoint, live_dir, out_dir, identity, "pretrain")
+    train(model, train_params, sample_batch=sample_batch, evaluate=evaluate, paths=RunPaths(checkpoint, live_dir, out_dir),
+          identity=identity, unique_tokens=len(tokens), desc="pretrain")
 
 
 if __name__ == "__main__":

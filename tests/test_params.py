@@ -24,7 +24,8 @@ def _error(raw):
     return str(info.value)
 
 
-@pytest.mark.parametrize("path", ["params.yaml", "configs/ryangpt.yaml"])
+@pytest.mark.parametrize("path", ["params.yaml", "configs/ryangpt.yaml", "configs/ryangpt-fast.yaml",
+                                  "configs/ryangpt-unique.yaml"])
 def test_load_params_accepts_the_shipped_profiles(path):
     params = load_params(REPO_ROOT / path)
     assert isinstance(params, Params)
@@ -138,3 +139,59 @@ def test_the_shipped_training_params_pass_the_checks(raw):
     params = parse_params(raw)
     assert params.pretrain.warmup_steps <= params.pretrain.steps
     assert params.finetune.min_lr <= params.finetune.lr
+
+
+@pytest.mark.parametrize("section, key, value, valid", [
+    ("pretrain", "optimizer", "sgd", "muon, adamw"),
+    ("finetune", "optimizer", "Muon", "muon, adamw"),
+    ("pretrain", "schedule", "linear", "wsd, cosine"),
+    ("pretrain", "init", "xavier", "gpt2, zero_out, reference"),
+])
+def test_unknown_recipe_name_is_an_error_naming_the_key_and_the_valid_names(raw, section, key, value, valid):
+    raw[section][key] = value
+    message = _error(raw)
+    assert f"{section}.{key}" in message
+    assert valid in message
+
+
+@pytest.mark.parametrize("key", ["lr", "embed_lr", "matrix_lr"])
+@pytest.mark.parametrize("value", [0, -1e-3])
+def test_learning_rate_of_zero_or_below_is_an_error_naming_the_key(raw, key, value):
+    raw["pretrain"][key] = value
+    assert f"pretrain.{key}" in _error(raw)
+
+
+@pytest.mark.parametrize("value", [0, -0.1, 1.01])
+def test_decay_fraction_outside_zero_to_one_is_an_error_naming_the_key(raw, value):
+    raw["finetune"]["decay_fraction"] = value
+    assert "finetune.decay_fraction" in _error(raw)
+
+
+def test_decay_fraction_of_one_is_allowed(raw):
+    raw["pretrain"]["decay_fraction"] = 1
+    assert parse_params(raw).pretrain.decay_fraction == 1.0
+
+
+def test_init_belongs_to_pretraining_only(raw):
+    raw["finetune"]["init"] = "gpt2"
+    assert "finetune.init" in _error(raw)
+
+
+def test_the_reference_profile_runs_the_reference_recipe():
+    params = load_params(REPO_ROOT / "configs" / "ryangpt.yaml")
+    for section in (params.pretrain, params.finetune):
+        assert (section.optimizer, section.schedule, section.beta1, section.beta2) == ("adamw", "cosine", 0.9, 0.99)
+        assert section.weight_decay == 0.1
+        assert section.min_lr == pytest.approx(section.lr / 10)
+    assert (params.pretrain.lr, params.pretrain.warmup_steps, params.pretrain.init) == (6e-4, 2000, "reference")
+    assert params.finetune.lr == 3e-5
+
+
+def test_the_fast_profile_differs_from_the_reference_in_the_recipe_only():
+    reference = yaml.safe_load((REPO_ROOT / "configs" / "ryangpt.yaml").read_text(encoding="utf-8"))
+    fast = yaml.safe_load((REPO_ROOT / "configs" / "ryangpt-fast.yaml").read_text(encoding="utf-8"))
+    assert {k: v for k, v in fast.items() if k not in ("pretrain", "finetune")} == {
+        k: v for k, v in reference.items() if k not in ("pretrain", "finetune")}
+    assert (fast["pretrain"]["optimizer"], fast["pretrain"]["schedule"]) == ("muon", "wsd")
+    tokens = lambda section: section["steps"] * section["batch_size"] * section["grad_accum"]  # noqa: E731
+    assert tokens(fast["pretrain"]) == tokens(reference["pretrain"])

@@ -29,15 +29,21 @@ from model.gpt import IGNORE_INDEX, load_model  # noqa: E402
 from model.params import TrainParams  # noqa: E402
 from model.tokenizer import ASSISTANT_ID, END_OF_TEXT_ID, USER_ID, Tokenizer, train_bpe  # noqa: E402
 from model.training import (  # noqa: E402
+    CPUMuon,
+    RunPaths,
+    Runtime,
     TrainingError,
     batch_rng,
+    build_optimizers,
     checkpoint_identity,
     dialogue_batch,
     evaluation_windows,
     learning_rate,
+    lr_multiplier,
     mean_loss,
     pretraining_batch,
     resume_state,
+    set_learning_rates,
     train,
 )
 from tests import tiny  # noqa: E402
@@ -46,8 +52,8 @@ VOCAB = 128
 CONTEXT = 16
 
 
-def tiny_model(seed=0):
-    return tiny.tiny_model(seed, vocab_size=VOCAB, context_length=CONTEXT)
+def tiny_model(seed=0, **overrides):
+    return tiny.tiny_model(seed, vocab_size=VOCAB, context_length=CONTEXT, **overrides)
 
 
 CPU = torch.device("cpu")
@@ -86,7 +92,8 @@ def markov_chain(n_tokens, seed, table_seed=0):
 
 
 def train_params(**overrides):
-    values = dict(steps=8, batch_size=4, grad_accum=1, lr=1e-2, min_lr=1e-3, warmup_steps=2, weight_decay=0.1,
+    values = dict(steps=8, batch_size=4, grad_accum=1, optimizer="adamw", lr=1e-2, embed_lr=1e-2, matrix_lr=2e-2,
+                  schedule="cosine", min_lr=1e-3, warmup_steps=2, decay_fraction=0.5, weight_decay=0.1,
                   beta1=0.9, beta2=0.95, grad_clip=1.0, log_every=2, eval_every=4, eval_batches=2,
                   checkpoint_every=4, device="cpu", bf16=False, compile=False)
     values.update(overrides)
@@ -100,13 +107,13 @@ def chain_sampler(tokens, params, seed=0, context=CONTEXT):
     return sample_batch
 
 
-def run_train(run_dir, model, params, sample_batch, evaluate=None, identity=None, checkpoint=None):
+def run_train(run_dir, model, params, sample_batch, evaluate=None, identity=None, runtime=None, unique_tokens=4000):
     """train() with its outputs under `run_dir`; returns the final metrics."""
     run_dir = Path(run_dir)
     identity = identity if identity is not None else checkpoint_identity(model.config, params, 0, {"data": "chain"})
-    return train(model, params, sample_batch, evaluate or (lambda model: {}),
-                 checkpoint or run_dir / "checkpoint.safetensors", run_dir / "live", run_dir / "model", identity,
-                 "test")
+    paths = RunPaths(run_dir / "checkpoint.safetensors", run_dir / "live", run_dir / "model")
+    return train(model, params, sample_batch=sample_batch, evaluate=evaluate or (lambda model: {}), paths=paths,
+                 identity=identity, unique_tokens=unique_tokens, desc="test", runtime=runtime)
 
 
 def assert_same_weights(a, b):
@@ -118,7 +125,15 @@ def assert_same_weights(a, b):
 # --- learning --------------------------------------------------------------------------------------
 
 
-def test_training_loss_falls_to_the_entropy_floor_of_a_markov_chain(tmp_path):
+RECIPES = {
+    "adamw-cosine": dict(optimizer="adamw", schedule="cosine", lr=3e-2, min_lr=3e-3),
+    "muon-wsd": dict(optimizer="muon", schedule="wsd", lr=3e-2, embed_lr=3e-2, matrix_lr=5e-2, min_lr=0.0,
+                     decay_fraction=0.4),
+}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_training_loss_falls_to_the_entropy_floor_of_a_markov_chain(tmp_path, recipe):
     train_tokens, heldout = markov_chain(40000, seed=1), markov_chain(4000, seed=2)
     batches = list(evaluation_windows(heldout, 4, 8, CONTEXT))
 
@@ -126,8 +141,8 @@ def test_training_loss_falls_to_the_entropy_floor_of_a_markov_chain(tmp_path):
         return {"val/loss": mean_loss(model, batches, CPU)}
 
     model = tiny_model(seed=3)
-    params = train_params(steps=60, batch_size=32, lr=3e-2, min_lr=3e-3, warmup_steps=5, weight_decay=0.0,
-                          log_every=10, eval_every=60, checkpoint_every=60)
+    params = train_params(steps=60, batch_size=32, warmup_steps=5, weight_decay=0.0,
+                          log_every=10, eval_every=60, checkpoint_every=60, **RECIPES[recipe])
     initial = evaluate(model)["val/loss"]
     final = run_train(tmp_path, model, params, chain_sampler(train_tokens, params), evaluate)["val/loss"]
     floor = math.log(2)
@@ -172,6 +187,104 @@ def test_learning_rate_without_warmup_starts_at_the_peak():
     params = train_params(steps=50, lr=2e-3, min_lr=0.0, warmup_steps=0)
     assert learning_rate(0, params) == pytest.approx(params.lr)
     assert learning_rate(50, params) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_wsd_holds_the_peak_then_decays_linearly_to_min_lr_over_the_decay_fraction():
+    params = train_params(steps=100, lr=1e-3, min_lr=1e-5, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
+    assert learning_rate(0, params) == pytest.approx(1e-4)
+    assert all(learning_rate(step, params) == pytest.approx(1e-3) for step in range(9, 81))
+    decay = [learning_rate(step, params) for step in range(80, 101)]
+    steps = np.diff(decay)
+    assert np.allclose(steps, steps[0]) and steps[0] < 0  # linear
+    assert learning_rate(100, params) == pytest.approx(1e-5)
+
+
+def test_wsd_with_decay_fraction_one_decays_from_the_start():
+    params = train_params(steps=50, lr=2e-3, min_lr=0.0, warmup_steps=0, schedule="wsd", decay_fraction=1.0)
+    assert learning_rate(0, params) == pytest.approx(2e-3)
+    assert learning_rate(25, params) == pytest.approx(1e-3)
+    assert learning_rate(50, params) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_every_group_follows_the_schedule_from_its_own_peak(tmp_path):
+    model = tiny_model(tie_embeddings=False)
+    params = train_params(optimizer="muon", schedule="wsd", steps=10, warmup_steps=0, lr=1e-3, embed_lr=5e-3,
+                          matrix_lr=2e-2, min_lr=1e-4, decay_fraction=0.5)
+    optimizers = build_optimizers(model, params)
+    set_learning_rates(optimizers, lr_multiplier(9, params))
+    rates = sorted(group["lr"] for optimizer in optimizers.values() for group in optimizer.param_groups)
+    factor = learning_rate(9, params) / params.lr
+    assert 0.1 < factor < 1
+    assert rates == pytest.approx(sorted([1e-3 * factor, 1e-3 * factor, 5e-3 * factor, 2e-2 * factor]))
+
+
+# --- optimizers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_muon_gets_the_hidden_matrices_and_adamw_everything_else_once(tied):
+    model = tiny_model(tie_embeddings=tied)
+    optimizers = build_optimizers(model, train_params(optimizer="muon"))
+    muon = [p for group in optimizers["muon"].param_groups for p in group["params"]]
+    adamw = [p for group in optimizers["adamw"].param_groups for p in group["params"]]
+    assert isinstance(optimizers["muon"], torch.optim.Muon)
+    assert muon and all(p.dim() == 2 for p in muon)
+    block_matrices = {id(p) for layer in model.layers for p in layer.parameters() if p.dim() == 2}
+    assert {id(p) for p in muon} == block_matrices
+    assert model.embed.weight in adamw and all(p.dim() == 1 for p in adamw if p is not model.embed.weight
+                                                   and p is not model.lm_head.weight)
+    everything = [id(p) for p in muon + adamw]
+    assert sorted(everything) == sorted(id(p) for p in model.parameters())  # each exactly once
+
+
+def test_adamw_recipe_is_one_adamw_with_decay_on_matrices_only():
+    model = tiny_model(tie_embeddings=False)
+    optimizers = build_optimizers(model, train_params(optimizer="adamw", weight_decay=0.1))
+    assert list(optimizers) == ["adamw"]
+    for group in optimizers["adamw"].param_groups:
+        assert all((p.dim() == 2) == (group["weight_decay"] == 0.1) for p in group["params"])
+
+
+def test_cpu_muon_makes_torch_muons_update_in_fp32():
+    torch.manual_seed(0)
+    initial = torch.randn(24, 40)
+    weights = [torch.nn.Parameter(initial.clone()) for _ in range(2)]
+    grads = [torch.randn(24, 40) for _ in range(3)]
+    for weight, optimizer_class in zip(weights, (torch.optim.Muon, CPUMuon)):
+        optimizer = optimizer_class([weight], lr=0.05, weight_decay=0.1)
+        for grad in grads:
+            weight.grad = grad.clone()
+            optimizer.step()
+    # The same update; bf16 rounding in torch's Newton-Schulz is all that differs.
+    torch.testing.assert_close(weights[1], weights[0], rtol=0, atol=5e-3)
+    assert not torch.equal(weights[1], weights[0])
+    assert (weights[1] - initial).abs().max() > 0.05  # and it did move the weights
+    assert torch.optim._muon._zeropower_via_newtonschulz.__module__ == "torch.optim._muon"  # restored
+
+
+def test_the_accelerator_path_compile_bf16_and_fused_adamw_trains_on_cpu(tmp_path):
+    """torch.compile, bf16 autocast and the fused AdamW kernel are what a GPU run uses: run them here so
+    they cannot break unseen."""
+    tokens = markov_chain(4000, seed=1)
+    params = train_params(optimizer="muon", schedule="wsd", steps=6, log_every=2, eval_every=6, checkpoint_every=6)
+    heldout = list(evaluation_windows(markov_chain(1000, seed=2), 2, 4, CONTEXT))
+    model = tiny_model(seed=0)
+    initial = mean_loss(model, heldout, CPU)
+    runtime = Runtime(CPU, 0, 1, compile=True, bf16=True, fused=True)
+    metrics = run_train(tmp_path, model, params, chain_sampler(tokens, params),
+                        lambda m: {"val/loss": mean_loss(m, heldout, CPU)}, runtime=runtime)
+    assert metrics["val/loss"] < initial - 0.3
+    assert load_model(tmp_path / "model").weights().keys() == model.weights().keys()
+
+
+def test_epochs_are_logged_as_tokens_trained_over_unique_tokens(tmp_path):
+    params = train_params(steps=4, log_every=2, eval_every=4, checkpoint_every=4)
+    run_train(tmp_path, tiny_model(), params, chain_sampler(markov_chain(2000, seed=1), params), unique_tokens=256)
+    with safe_open(tmp_path / "checkpoint.safetensors", framework="pt") as f:
+        rows = json.loads(f.metadata()["history"])
+    per_step = params.batch_size * CONTEXT
+    assert [row["train/tokens"] for row in rows] == [2 * per_step, 4 * per_step]
+    assert [row["train/epochs"] for row in rows] == [2 * per_step / 256, 4 * per_step / 256]
 
 
 # --- batches ---------------------------------------------------------------------------------------
@@ -360,28 +473,31 @@ def interrupt_at(sample_batch, stop_step):
     return interrupted
 
 
-@pytest.fixture(scope="module")
-def resume_runs(tmp_path_factory):
-    """An uninterrupted 8-step run, and one interrupted at step 5 (checkpoint at 4) then resumed."""
+@pytest.fixture(scope="module", params=["adamw", "muon"])
+def resume_runs(request, tmp_path_factory):
+    """An uninterrupted 8-step run, and one interrupted at step 5 (checkpoint at 4) then resumed: with
+    AdamW (its moments) and with Muon (its momentum, and AdamW's moments of the other parameters)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
         monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
-        yield _resume_runs(tmp_path_factory)
+        yield _resume_runs(tmp_path_factory, request.param)
     torch.set_num_threads(threads)
 
 
-def _resume_runs(tmp_path_factory):
+def _resume_runs(tmp_path_factory, optimizer):
     tokens = markov_chain(4000, seed=1)
     heldout = list(evaluation_windows(markov_chain(1000, seed=2), 2, 4, CONTEXT))
-    params = train_params(steps=8, grad_accum=2, checkpoint_every=4, eval_every=4, log_every=2)
+    schedule = "cosine" if optimizer == "adamw" else "wsd"
+    params = train_params(steps=8, grad_accum=2, checkpoint_every=4, eval_every=4, log_every=2, optimizer=optimizer,
+                          schedule=schedule)
     sample_batch = chain_sampler(tokens, params)
 
     def evaluate(model):
         return {"val/loss": mean_loss(model, heldout, CPU)}
 
-    straight_dir, resumed_dir = tmp_path_factory.mktemp("straight"), tmp_path_factory.mktemp("resumed")
+    straight_dir, resumed_dir = tmp_path_factory.mktemp(f"straight-{optimizer}"), tmp_path_factory.mktemp(f"resumed-{optimizer}")
     straight = tiny_model(seed=0)
     straight_metrics = run_train(straight_dir, straight, params, sample_batch, evaluate)
 
@@ -394,7 +510,7 @@ def _resume_runs(tmp_path_factory):
     return {
         "straight": straight, "resumed": resumed, "interrupted_metadata": interrupted_metadata,
         "straight_metrics": straight_metrics, "resumed_metrics": resumed_metrics,
-        "straight_dir": straight_dir, "resumed_dir": resumed_dir,
+        "straight_dir": straight_dir, "resumed_dir": resumed_dir, "optimizer": optimizer,
     }
 
 
@@ -407,6 +523,13 @@ def test_resumed_run_ends_with_the_bit_identical_weights_of_an_uninterrupted_run
     assert_same_weights(resume_runs["resumed"].state_dict(), resume_runs["straight"].state_dict())
     assert_same_weights(load_file(resume_runs["resumed_dir"] / "model" / "model.safetensors"),
                         load_file(resume_runs["straight_dir"] / "model" / "model.safetensors"))
+
+
+def test_checkpoints_hold_every_optimizer_state(resume_runs):
+    names = load_file(resume_runs["straight_dir"] / "checkpoint.safetensors").keys()
+    if resume_runs["optimizer"] == "muon":
+        assert any(name.startswith("optimizer.muon.") and name.endswith(".momentum_buffer") for name in names)
+    assert any(name.startswith("optimizer.adamw.") and name.endswith(".exp_avg_sq") for name in names)
 
 
 def test_resumed_run_logs_the_same_history_as_an_uninterrupted_run(resume_runs):
@@ -438,10 +561,10 @@ def test_finished_checkpoint_is_not_resumed(tmp_path):
     params = train_params(steps=4)
     run_train(tmp_path, tiny_model(), params, chain_sampler(tokens, params))
     fresh = tiny_model(seed=5)
-    optimizer = torch.optim.AdamW(fresh.parameters())
+    optimizers = build_optimizers(fresh, params)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     identity = checkpoint_identity(fresh.config, params, 0, {"data": "chain"})
-    assert resume_state(tmp_path / "checkpoint.safetensors", identity, fresh, optimizer) == (0, [])
+    assert resume_state(tmp_path / "checkpoint.safetensors", identity, fresh, optimizers) == (0, [])
     assert_same_weights(fresh.state_dict(), before)
 
 
@@ -476,10 +599,10 @@ def test_non_finite_loss_is_an_error_naming_the_step_and_keeps_the_last_good_che
 DDP_STEPS = 4
 
 
-def ddp_setup():
+def ddp_setup(optimizer):
     """Model, params and sample_batch of the DDP comparison; masks leave the two halves of each
     micro-batch with different numbers of target tokens, so the per-process weighting matters."""
-    params = train_params(steps=DDP_STEPS, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=1,
+    params = train_params(steps=DDP_STEPS, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=1, optimizer=optimizer,
                           checkpoint_every=2, log_every=2, eval_every=DDP_STEPS)
     tokens = markov_chain(4000, seed=1)
     plain = chain_sampler(tokens, params)
@@ -494,10 +617,10 @@ def ddp_setup():
     return tiny_model(seed=4), params, sample_batch
 
 
-def ddp_worker(out_dir):
+def ddp_worker(out_dir, optimizer):
     """One process of the DDP run (under torchrun): trains, then writes its own final weights."""
     torch.set_num_threads(1)
-    model, params, sample_batch = ddp_setup()
+    model, params, sample_batch = ddp_setup(optimizer)
     run_train(out_dir, model, params, sample_batch)
     save_file({k: v.contiguous() for k, v in model.weights().items()}, Path(out_dir) / f"rank{os.environ['RANK']}.safetensors")
 
@@ -508,18 +631,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tmp_path, optimizer):
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "DVC_NO_ANALYTICS": "1"}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), __file__, str(ddp_dir)]
+               "127.0.0.1", "--master_port", str(free_port()), __file__, str(ddp_dir), optimizer]
     result = subprocess.run(command, cwd=ddp_dir, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
-    model, params, sample_batch = ddp_setup()
+    model, params, sample_batch = ddp_setup(optimizer)
     run_train(tmp_path / "single", model, params, sample_batch)
     single = model.weights()
     rank0, rank1 = load_file(ddp_dir / "rank0.safetensors"), load_file(ddp_dir / "rank1.safetensors")
@@ -532,4 +656,4 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tm
 
 
 if __name__ == "__main__":
-    ddp_worker(sys.argv[1])
+    ddp_worker(sys.argv[1], sys.argv[2])

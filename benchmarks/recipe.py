@@ -1,0 +1,271 @@
+"""Recipe benchmark: the new default (Muon + warmup-stable-decay) against the reference's AdamW-cosine
+and against AdamW with a tuned learning rate, on real text, at equal tokens.
+
+usage (from the repository root): .venv/bin/python benchmarks/recipe.py [--work DIR] [--jobs 2]
+
+Everything runs through the project's own stage scripts in a scratch folder (default
+/tmp/recipe-benchmark; finished runs are kept there and reused when the script is run again):
+1. extract_wikipedia, extract_c4, extract_dialog, combine, build_bpe and encode turn the real
+   Wikipedia and C4 slices of ../shared/corpus (read in place, never copied into the repository)
+   into token arrays with an 8k BPE. The dialog stage reads the bundled sample dialogues, since
+   ../shared holds no DailyDialog test split; dialogues play no part in pretraining.
+2. stages.pretrain trains each arm from its own params.yaml (the sample profile's file with the
+   arm's overrides), evaluating held-out bits per byte per source with the project's evaluator.
+   Every arm with seed s sees the same batches in the same order (data order is a pure function
+   of seed and step).
+Runs go --jobs at a time with 2 / jobs torch threads each, so the machine's cores are all used
+and never shared between two runs. Writes the section "## Training recipe (real text)" of
+BENCHMARKS.md.
+
+Arms at the main size (6 layers, width 256, context 256, vocab 8k, untied head: 10.5M parameters),
+TOKENS training tokens each:
+- reference: the RyanGPT recipe (configs/ryangpt.yaml's pretrain section: AdamW (0.9, 0.99),
+  cosine 6e-4 -> 6e-5, its init) with warmup at its 2.5% of the steps;
+- AdamW lr sweep: the same at 2e-3 and 6e-3 (seed 0), then the best learning rate at seed 1;
+- default: params.yaml's pretrain section (the new recipe), unchanged;
+- default at 2/3 and 1/2 of the tokens: when does the new recipe reach tuned AdamW's final figure.
+A second size (6 layers, width 128) repeats reference, sweep and default with one seed, to show
+that the default needs no retuning when the width changes.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+from safetensors import safe_open
+
+from benchmarks.report import machine_line, write_section
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "corpus"
+COMMAND = ".venv/bin/python -m benchmarks.recipe"
+HEADING = "## Training recipe (real text)"
+SOURCES = ("wikipedia", "c4")
+
+CONTEXT = 256
+BATCH = 16
+STEPS = 160  # of 16 x 256 tokens: 655k tokens, 0.76 passes over the training split
+EVAL_POINTS = 8  # evaluations per run, for the learning curves
+SEEDS = (0, 1)
+SWEEP_LRS = (6e-4, 2e-3, 6e-3)
+MAIN_MODEL = {"n_layers": 6, "d_model": 128, "n_heads": 2, "d_ff": 512, "context_length": CONTEXT,
+              "tie_embeddings": False}
+SMALL_MODEL = {**MAIN_MODEL, "d_model": 64, "n_heads": 1, "d_ff": 256}
+
+DATA_PARAMS = {
+    "wikipedia": {"source": str(CORPUS / "wikipedia"), "data_dir": "20231101.en"},
+    "c4": {"source": str(CORPUS / "c4"), "data_files": "en/c4-train.*.json.gz"},
+    "dialog": {"source": str(REPO / "data" / "sample" / "dailydialog")},
+    "tokenizer": {"vocab_size": 8192},
+}
+DATA_STAGES = [
+    ["stages.extract_wikipedia", "data/extracted/wikipedia.jsonl", "metrics/extract_wikipedia.json"],
+    ["stages.extract_c4", "data/extracted/c4.jsonl", "metrics/extract_c4.json"],
+    ["stages.extract_dialog", "data/extracted/dialog", "metrics/extract_dialog.json"],
+    ["stages.combine", "data/extracted/wikipedia.jsonl", "data/extracted/c4.jsonl", "data/combined",
+     "metrics/combine.json"],
+    ["stages.build_bpe", "data/combined", "data/extracted/dialog", "data/tokenizer.model"],
+    ["stages.encode", "data/tokenizer.model", "data/combined", "data/extracted/dialog", "data/tokens"],
+]
+
+
+def base_params():
+    return yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+
+
+def merged(params, overrides):
+    params = json.loads(json.dumps(params))
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    return params
+
+
+def run_stage(folder, args, threads):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1",
+           "OMP_NUM_THREADS": str(threads), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", *args], cwd=folder, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{args[0]} failed in {folder}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+
+
+def prepare_data(work):
+    """The token arrays of the real slices, made by the pipeline's own data stages."""
+    data = work / "data"
+    if (data / "tokens" / "meta.json").exists():
+        return data / "tokens"
+    if not (CORPUS / "wikipedia").is_dir():
+        raise SystemExit(f"{CORPUS} is missing: this benchmark reads the real-text slices in ../shared/corpus")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "params.yaml").write_text(yaml.safe_dump(merged(base_params(), DATA_PARAMS)), encoding="utf-8")
+    for stage in DATA_STAGES:
+        print(f"data: {stage[0]}", flush=True)
+        run_stage(work, stage, threads=os.cpu_count())
+    return data / "tokens"
+
+
+# --- arms ----------------------------------------------------------------------------------------
+
+
+def reference_train(lr):
+    """The RyanGPT profile's pretrain recipe at this benchmark's budget: warmup is its 2.5% of the steps."""
+    reference = yaml.safe_load((REPO / "configs" / "ryangpt.yaml").read_text(encoding="utf-8"))["pretrain"]
+    return {**reference, "lr": lr, "min_lr": lr / 10, "warmup_steps": max(1, round(0.025 * STEPS))}
+
+
+def run_spec(name, seed, model, train, steps=STEPS):
+    eval_every = max(1, steps // EVAL_POINTS)
+    schedule = {"steps": steps, "batch_size": BATCH, "grad_accum": 1, "log_every": eval_every,
+                "eval_every": eval_every, "checkpoint_every": eval_every * EVAL_POINTS, "eval_batches": 8,
+                "device": "cpu"}
+    return {"name": name, "seed": seed, "model": model, "train": {**train, **schedule}}
+
+
+def run_arm(work, tokens, spec, threads):
+    """Trains one arm with stages.pretrain; returns its history (one row per evaluation)."""
+    folder = work / "runs" / f"{spec['name']}-seed{spec['seed']}"
+    result_file = folder / "history.json"
+    if result_file.exists():
+        return json.loads(result_file.read_text(encoding="utf-8"))
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    train = {**base_params()["pretrain"], **spec["train"]}
+    params = merged(base_params(), {"seed": spec["seed"], "model": spec["model"], "pretrain": train, **DATA_PARAMS})
+    (folder / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    started = time.perf_counter()
+    run_stage(folder, ["stages.pretrain", str(tokens), str(tokens.parent / "tokenizer.model"),
+                       "checkpoint.safetensors", "model", "live"], threads)
+    with safe_open(folder / "checkpoint.safetensors", framework="pt") as f:
+        history = json.loads(f.metadata()["history"])
+    history = [row for row in history if f"val/{SOURCES[0]}/bpb" in row]
+    for row in history:
+        row["seconds"] = time.perf_counter() - started
+    result_file.write_text(json.dumps(history, sort_keys=True), encoding="utf-8")
+    print(f"{folder.name}: " + ", ".join(f"{s} {history[-1][f'val/{s}/bpb']:.4f}" for s in SOURCES)
+          + f" bpb in {time.perf_counter() - started:.0f} s", flush=True)
+    return history
+
+
+def run_all(work, tokens, specs, jobs):
+    threads = max(1, (os.cpu_count() or 2) // jobs)
+    with ThreadPoolExecutor(jobs) as pool:
+        histories = list(pool.map(lambda spec: run_arm(work, tokens, spec, threads), specs))
+    return {(spec["name"], spec["seed"]): history for spec, history in zip(specs, histories)}
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def final(history, source):
+    return history[-1][f"val/{source}/bpb"]
+
+
+def summary(results, name, source):
+    """(mean, spread) of an arm's final bits per byte over its seeds; spread is max - min."""
+    values = [final(h, source) for (arm, _), h in results.items() if arm == name]
+    return statistics.fmean(values), (max(values) - min(values) if len(values) > 1 else float("nan"))
+
+
+def best_lr(results, prefix, seed=0):
+    """The sweep's learning rate with the lowest mean final bits per byte over both sources, at `seed`."""
+    return min(SWEEP_LRS, key=lambda lr: statistics.fmean(final(results[(f"{prefix}adamw-{lr:g}", seed)], s)
+                                                             for s in SOURCES))
+
+
+def report(results, tuned_lr, small_tuned_lr, meta, seconds):
+    lines = [
+        f"Command: `{COMMAND}`. {machine_line()} Nothing else ran on the machine; runs went two at a time, "
+        f"one torch thread each. Total {seconds / 60:.0f} min.",
+        "",
+        f"Data: the real Wikipedia and C4 slices of `../shared/corpus` through the pipeline's own stages "
+        f"(8,192-token BPE; {meta['splits']['train']['tokens']:,} training tokens, held out "
+        + ", ".join(f"{s} {meta['splits'][f'val_{s}']['tokens']:,}" for s in SOURCES)
+        + f" tokens). Model: 6 layers x 256, 4 heads, d_ff 1024, context {CONTEXT}, untied head (10.5M "
+        f"parameters). Every run: {STEPS} steps x {BATCH} x {CONTEXT} = {STEPS * BATCH * CONTEXT / 1e6:.2f}M "
+        f"tokens, batches in the same order for every arm of a seed. Figures: held-out bits per byte from "
+        f"`heldout_evaluator` (16 batches of 16 windows per source) at the last step; mean of seeds "
+        f"{', '.join(map(str, SEEDS))}, spread = max - min.",
+        "",
+        "| arm | Wikipedia bpb | C4 bpb | vs tuned AdamW (wiki / C4) |",
+        "|---|---|---|---|",
+    ]
+    tuned = {s: summary(results, f"adamw-{tuned_lr:g}", s)[0] for s in SOURCES}
+    rows = [("reference", "reference recipe (AdamW, cosine 6e-4 -> 6e-5)"),
+            (f"adamw-{tuned_lr:g}", f"tuned AdamW (lr {tuned_lr:g}, best of {', '.join(f'{lr:g}' for lr in SWEEP_LRS)})"),
+            ("default", "**new default** (Muon + AdamW, WSD)"),
+            ("default-2of3", "new default, 2/3 of the tokens"),
+            ("default-1of2", "new default, 1/2 of the tokens")]
+    for name, label in rows:
+        cells = []
+        for source in SOURCES:
+            mean, spread = summary(results, name, source)
+            cells.append(f"{mean:.4f} ± {spread / 2:.4f}")
+        change = " / ".join(f"{100 * (summary(results, name, s)[0] / tuned[s] - 1):+.1f}%" for s in SOURCES)
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {change} |")
+    lines += ["", "The learning-rate sweep (seed 0, final bits per byte):", "",
+              "| AdamW lr | Wikipedia | C4 |", "|---|---|---|"]
+    for lr in SWEEP_LRS:
+        history = results[(f"adamw-{lr:g}", 0)]
+        lines.append(f"| {lr:g} | {final(history, 'wikipedia'):.4f} | {final(history, 'c4'):.4f} |")
+    lines += ["", "Learning curves (held-out Wikipedia bits per byte, seed 0):", "",
+              "| tokens (M) | reference | tuned AdamW | new default |", "|---|---|---|---|"]
+    curves = [results[("reference", 0)], results[(f"adamw-{tuned_lr:g}", 0)], results[("default", 0)]]
+    for rows_at in zip(*curves):
+        tokens_m = rows_at[0]["train/tokens"] / 1e6
+        lines.append(f"| {tokens_m:.2f} | " + " | ".join(f"{row['val/wikipedia/bpb']:.4f}" for row in rows_at) + " |")
+    lines += ["", f"Second size, no retuning (6 layers x 128, d_ff 512, 2.4M parameters, seed 0):", "",
+              "| arm | Wikipedia bpb | C4 bpb |", "|---|---|---|"]
+    for name in ["small-reference", *(f"small-adamw-{lr:g}" for lr in SWEEP_LRS), "small-default"]:
+        history = results[(name, 0)]
+        marker = " (best AdamW)" if name == f"small-adamw-{small_tuned_lr:g}" else ""
+        lines.append(f"| {name}{marker} | {final(history, 'wikipedia'):.4f} | {final(history, 'c4'):.4f} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/recipe-benchmark"))
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    tokens = prepare_data(args.work)
+    default = base_params()["pretrain"]
+
+    def sweep(prefix, model, seeds):
+        return [run_spec(f"{prefix}adamw-{lr:g}", seed, model, reference_train(lr))
+                for lr in SWEEP_LRS[1:] for seed in seeds]
+
+    first = [run_spec("reference", seed, MAIN_MODEL, reference_train(6e-4)) for seed in SEEDS]
+    first += sweep("", MAIN_MODEL, [0]) + [run_spec("default", seed, MAIN_MODEL, default) for seed in SEEDS]
+    first += [run_spec("small-reference", 0, SMALL_MODEL, reference_train(6e-4))] + sweep("small-", SMALL_MODEL, [0])
+    first += [run_spec("small-default", 0, SMALL_MODEL, default)]
+    first += [run_spec(f"default-{label}", seed, MAIN_MODEL, default, steps=round(STEPS * fraction))
+              for label, fraction in (("2of3", 2 / 3), ("1of2", 1 / 2)) for seed in SEEDS]
+    results = run_all(args.work, tokens, first, args.jobs)
+    # The reference is the sweep's 6e-4 arm.
+    for prefix in ("", "small-"):
+        for seed in SEEDS:
+            if (f"{prefix}reference", seed) in results:
+                results[(f"{prefix}adamw-{6e-4:g}", seed)] = results[(f"{prefix}reference", seed)]
+    tuned_lr, small_tuned_lr = best_lr(results, ""), best_lr(results, "small-")
+    if (f"adamw-{tuned_lr:g}", SEEDS[1]) not in results:
+        second = run_spec(f"adamw-{tuned_lr:g}", SEEDS[1], MAIN_MODEL, reference_train(tuned_lr))
+        results.update(run_all(args.work, tokens, [second], 1))
+    meta = json.loads((tokens / "meta.json").read_text(encoding="utf-8"))
+    body = report(results, tuned_lr, small_tuned_lr, meta, time.perf_counter() - started)
+    print(body)
+    write_section(HEADING, body)
+
+
+if __name__ == "__main__":
+    main()
