@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from model.corpus import clean_c4, clean_wikipedia, extract_documents  # noqa: E402
 from model.encoding import encode_documents  # noqa: E402
 from model.sources import stream_records  # noqa: E402
-from model.tokenizer import END_OF_TEXT_ID, CorpusTooSmallError, sample_sentences, train_bpe  # noqa: E402
+from model.tokenizer import END_OF_TEXT_ID, CorpusTooSmallError, bpe_lines, sample_sentences, train_bpe  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
 PROFILE = REPO / "configs" / "ryangpt.yaml"
@@ -74,11 +74,6 @@ def load_slice(profile):
         kept = extract_documents(records, clean, math.inf, profile[source]["min_chars"], Counter())
         texts.extend(record["text"] for record in kept)
     return texts
-
-
-def lines_of(texts):
-    """The BPE input, split as stages/build_bpe.py splits it."""
-    return [line for text in texts for line in text.split("\n") if line]
 
 
 def utf8_bytes(texts):
@@ -340,7 +335,7 @@ def main():
             "full_bytes": profile["wikipedia"]["max_bytes"] + profile["c4"]["max_bytes"],
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     texts = load_slice(profile)
-    lines = lines_of(texts)
+    lines = bpe_lines(texts)
     corpus = {"documents": len(texts), "lines": len(lines), "bytes": utf8_bytes(texts),
               "distinct": len(words_of(lines))}
     bpe = bench_bpe(lines, profile)

@@ -33,7 +33,7 @@ from model.export import export_model  # noqa: E402
 from model.gpt import GPT, GPTConfig  # noqa: E402
 from model.params import parse_params  # noqa: E402
 from model.sources import stream_records  # noqa: E402
-from model.tokenizer import Tokenizer, train_bpe  # noqa: E402
+from model.tokenizer import Tokenizer, bpe_lines, train_bpe  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
 CLIENT_COUNTS = (1, 4, 16, 64)
@@ -50,9 +50,8 @@ def build_export(folder):
                                    ("c4", {"data_files": "en/c4-train.*.json.gz"}, clean_c4)):
         records, _ = stream_records(str(CORPUS / source), source, **options)
         texts += [doc["text"] for doc in extract_documents(records, clean, 10**9, 200, Counter())]
-    lines = [line for text in texts for line in text.split("\n") if line]
     tokenizer_path = folder / "tokenizer.model"
-    tokenizer_path.write_bytes(train_bpe(lines, params.tokenizer.vocab_size, seed=0))
+    tokenizer_path.write_bytes(train_bpe(bpe_lines(texts), params.tokenizer.vocab_size, seed=0))
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=params.tokenizer.vocab_size, **asdict(params.model)))
     export_model(model, tokenizer_path, folder / "models" / "base", "base", False, {}, {"temperature": 0.8})

@@ -5,13 +5,48 @@ import math
 import numpy as np
 import torch
 
+from model.batches import dialogue_batch
 from model.corpus import SOURCES
 from model.encoding import load_dialogues, load_meta, load_tokens
+from model.errors import PipelineError
 from model.generate import generate
-from model.training import bits_per_byte, dialogue_batch, evaluation_windows, mean_loss
+from model.gpt import IGNORE_INDEX
+
+class EvaluationError(PipelineError, ValueError):
+    """Held-out data that cannot be evaluated as asked."""
+
 
 BASE_PROMPTS = ("Albert Einstein was born in", "The capital of France is", "The Roman Empire was")
 CHAT_PROMPTS = ("Hello", "How are you?", "What is your name?")
+
+
+def evaluation_windows(tokens, n_batches, batch_size, context_length):
+    """Fixed, evenly spaced windows over a held-out split, so every evaluation sees the same text."""
+    if len(tokens) <= context_length:
+        raise EvaluationError(f"a held-out split has {len(tokens)} tokens, fewer than model.context_length + 1 = "
+                         f"{context_length + 1}: lower model.context_length or hold out more data")
+    starts = np.linspace(0, len(tokens) - context_length - 1, n_batches * batch_size).astype(np.int64)
+    for batch_starts in np.array_split(starts, n_batches):
+        windows = np.stack([tokens[s : s + context_length + 1] for s in batch_starts]).astype(np.int64)
+        yield torch.from_numpy(windows[:, :-1]), torch.from_numpy(windows[:, 1:])
+
+
+@torch.no_grad()
+def mean_loss(model, batches, device):
+    """Mean next-token loss (nats) over all target tokens of `batches`."""
+    model.eval()
+    total, count = 0.0, 0
+    for inputs, targets in batches:
+        _, loss = model(inputs.to(device), targets.to(device))
+        n = int((targets != IGNORE_INDEX).sum())
+        total, count = total + float(loss) * n, count + n
+    model.train()
+    return total / count
+
+
+def bits_per_byte(loss, tokens, n_bytes):
+    """Loss per token (nats) as bits per byte of text: comparable across vocabularies."""
+    return loss / math.log(2) * tokens / n_bytes
 
 
 def heldout_evaluator(token_dir, context_length, batch_size, n_batches):

@@ -8,6 +8,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from model.errors import PipelineError
+
 
 def _remove(path):
     if path.is_dir() and not path.is_symlink():
@@ -16,7 +18,7 @@ def _remove(path):
         path.unlink()
 
 
-class DiskFullError(OSError):
+class DiskFullError(PipelineError, OSError):
     """The disk (or the quota) filled up while an output was written; the previous output is untouched."""
 
 

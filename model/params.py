@@ -11,13 +11,15 @@ from typing import get_type_hints
 
 import yaml
 
+from model.errors import PipelineError
+
 PARAMS_FILE = Path("params.yaml")
 MAX_UINT16_VOCAB = 2**16
 # 256 byte-fallback pieces + <unk> + 3 special tokens, plus room for learned merges.
 MIN_VOCAB = 512
 
 
-class ParamsError(ValueError):
+class ParamsError(PipelineError, ValueError):
     """A value in params.yaml that no stage can run with."""
 
 

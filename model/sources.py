@@ -20,12 +20,14 @@ import huggingface_hub
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RemoteEntryNotFoundError
 from huggingface_hub.utils import httpx
 
+from model.errors import PipelineError
+
 HUB_TIMEOUT_SECONDS = 10
 HUB_ATTEMPTS = 3  # of each metadata call and download; waits of 2 s, then 4 s, in between
 HUB_RETRY_WAIT_SECONDS = 2
 
 
-class SourceError(RuntimeError):
+class SourceError(PipelineError, RuntimeError):
     """A dataset source that cannot be read."""
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import sentencepiece as spm
 
 from model.dialog import ASSISTANT, END_OF_TEXT, USER, render_chat
+from model.errors import PipelineError
 
 UNK_ID, END_OF_TEXT_ID, USER_ID, ASSISTANT_ID = 0, 1, 2, 3
 # sentencepiece skips longer lines while training; paragraphs longer than this are rare.
@@ -24,8 +25,25 @@ MAX_SENTENCE_BYTES = 16384
 _WORD = re.compile(r"[^ ]+| +[^ ]*")
 
 
-class CorpusTooSmallError(ValueError):
+def bpe_lines(texts):
+    """The BPE training input: every non-empty line of `texts` (documents or dialogue turns)."""
+    return [line for text in texts for line in text.split("\n") if line]
+
+
+class CorpusTooSmallError(PipelineError, ValueError):
     """The training text cannot support the requested vocabulary."""
+
+
+class VocabularyMismatchError(PipelineError, ValueError):
+    """A model and a tokenizer that were not made for each other."""
+
+
+def check_same_vocabulary(tokenizer, tokenizer_source, model_config, model_source):
+    """The one check that a model's vocabulary is the tokenizer's; the error names both files."""
+    if tokenizer.vocab_size != model_config.vocab_size:
+        raise VocabularyMismatchError(
+            f"{model_source} has a vocabulary of {model_config.vocab_size} tokens but {tokenizer_source} has "
+            f"{tokenizer.vocab_size}: the model was trained with another tokenizer; rerun its training stage")
 
 
 def sample_sentences(lines, max_sentences, seed):

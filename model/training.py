@@ -15,7 +15,6 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from dvclive import Live
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from model.errors import PipelineError
 from model.files import atomic_output
 from model.gpt import IGNORE_INDEX, save_model
 
@@ -31,74 +31,8 @@ from model.gpt import IGNORE_INDEX, save_model
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 3060": 51e12}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PipelineError, RuntimeError):
     """Training cannot start or go on; the message says why and what to change."""
-
-
-# --- batches -------------------------------------------------------------------------------------
-
-
-def batch_rng(seed, step, micro):
-    return np.random.default_rng([seed, step, micro])
-
-
-def pretraining_batch(tokens, rng, batch_size, context_length):
-    """Random windows of context_length + 1 tokens: inputs and next-token targets."""
-    starts = rng.integers(0, len(tokens) - context_length, size=batch_size)
-    windows = np.stack([tokens[start : start + context_length + 1] for start in starts]).astype(np.int64)
-    return torch.from_numpy(windows[:, :-1]), torch.from_numpy(windows[:, 1:])
-
-
-def dialogue_batch(tokens, mask, offsets, picks, context_length, rng=None, pad_id=0):
-    """One row per picked dialogue, never crossing into the next one.
-
-    Targets are the next tokens where the mask marks assistant replies, IGNORE_INDEX elsewhere
-    (user turns, role tokens, padding). A dialogue longer than the context is cut to a window:
-    a random one when `rng` is given, else its start.
-    """
-    rows = []
-    for pick in picks:
-        ids, reply = tokens[offsets[pick] : offsets[pick + 1]], mask[offsets[pick] : offsets[pick + 1]]
-        if len(ids) > context_length + 1:
-            start = int(rng.integers(0, len(ids) - context_length)) if rng is not None else 0
-            ids, reply = ids[start : start + context_length + 1], reply[start : start + context_length + 1]
-        rows.append((ids.astype(np.int64), reply))
-    width = max(len(ids) for ids, _ in rows) - 1
-    inputs = np.full((len(rows), width), pad_id, dtype=np.int64)
-    targets = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
-    for row, (ids, reply) in enumerate(rows):
-        inputs[row, : len(ids) - 1] = ids[:-1]
-        targets[row, : len(ids) - 1] = np.where(reply[1:] == 1, ids[1:], IGNORE_INDEX)
-    return torch.from_numpy(inputs), torch.from_numpy(targets)
-
-
-def evaluation_windows(tokens, n_batches, batch_size, context_length):
-    """Fixed, evenly spaced windows over a held-out split, so every evaluation sees the same text."""
-    if len(tokens) <= context_length:
-        raise TrainingError(f"a held-out split has {len(tokens)} tokens, fewer than model.context_length + 1 = "
-                            f"{context_length + 1}: lower model.context_length or hold out more data")
-    starts = np.linspace(0, len(tokens) - context_length - 1, n_batches * batch_size).astype(np.int64)
-    for batch_starts in np.array_split(starts, n_batches):
-        windows = np.stack([tokens[s : s + context_length + 1] for s in batch_starts]).astype(np.int64)
-        yield torch.from_numpy(windows[:, :-1]), torch.from_numpy(windows[:, 1:])
-
-
-@torch.no_grad()
-def mean_loss(model, batches, device):
-    """Mean next-token loss (nats) over all target tokens of `batches`."""
-    model.eval()
-    total, count = 0.0, 0
-    for inputs, targets in batches:
-        _, loss = model(inputs.to(device), targets.to(device))
-        n = int((targets != IGNORE_INDEX).sum())
-        total, count = total + float(loss) * n, count + n
-    model.train()
-    return total / count
-
-
-def bits_per_byte(loss, tokens, n_bytes):
-    """Loss per token (nats) as bits per byte of text: comparable across vocabularies."""
-    return loss / math.log(2) * tokens / n_bytes
 
 
 # --- schedule, runtime, checkpoints --------------------------------------------------------------
@@ -449,5 +383,9 @@ def _log_row(live, row):
 
 
 def checkpoint_identity(model_config, params, seed, data):
-    """What a checkpoint must match to be resumed: model shape, training params, seed, data."""
-    return {"model": model_config.to_dict(), "train": asdict(params), "seed": seed, "data": data}
+    """What a checkpoint must match to be resumed: model shape, training params, seed, data.
+
+    checkpoint_every is left out: it changes when progress is saved, not what is trained.
+    """
+    train = {k: v for k, v in asdict(params).items() if k != "checkpoint_every"}
+    return {"model": model_config.to_dict(), "train": train, "seed": seed, "data": data}

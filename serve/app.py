@@ -22,7 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from model.export import load_export
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, check_same_vocabulary
 from serve.engine import Engine, Sampling
 from serve.schema import (REQUEST_FIELD_NAMES, STREAM_CHUNKS, ChatCompletion, ChatCompletionChunk, ChatRequest,
                           Completion, CompletionChunk, CompletionRequest, ErrorReply, Health, ModelList, event_stream)
@@ -68,8 +68,7 @@ class HostedModel:
         model, self.listing = load_export(folder)
         self.name = name
         self.tokenizer = Tokenizer(folder / "tokenizer.model")
-        if self.tokenizer.vocab_size != model.config.vocab_size:
-            raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
+        check_same_vocabulary(self.tokenizer, folder / "tokenizer.model", model.config, folder)
         # The tokenizer keeps text as it is (identity normalization), so no token covers more characters than
         # the longest piece: a text longer than limit * this is over the limit before it is tokenized.
         self.max_piece_chars = max(len(self.tokenizer.sp.id_to_piece(i)) for i in range(self.tokenizer.vocab_size))

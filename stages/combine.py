@@ -3,10 +3,10 @@
 usage: python -m stages.combine WIKIPEDIA_JSONL C4_JSONL OUT_DIR MANIFEST_JSON
 """
 
-import sys
 from pathlib import Path
 
 from model.corpus import combine, read_texts
+from model.errors import run_stage
 from model.files import atomic_output, write_json, write_jsonl
 from model.params import load_params
 
@@ -24,4 +24,4 @@ def main(wikipedia_path, c4_path, out_dir, manifest_path):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main)

@@ -3,12 +3,12 @@
 usage: python -m stages.encode TOKENIZER_MODEL COMBINED_DIR DIALOG_DIR OUT_DIR
 """
 
-import sys
 from pathlib import Path
 
 from model.corpus import read_texts
 from model.dialog import SPLITS
 from model.encoding import pretraining_splits, write_token_folder
+from model.errors import run_stage
 from model.files import read_jsonl
 
 
@@ -19,4 +19,4 @@ def main(tokenizer_model, combined_dir, dialog_dir, out_dir):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main)

@@ -3,13 +3,13 @@
 usage: python -m stages.evaluate TOKENS_DIR TOKENIZER_MODEL PRETRAINED_DIR FINETUNED_DIR METRICS_JSON COMPLETIONS_MD
 """
 
-import sys
 
+from model.errors import run_stage
 from model.evaluation import completions, dialog_evaluator, heldout_evaluator
 from model.files import atomic_output, write_json
 from model.gpt import load_model
 from model.params import load_params
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, check_same_vocabulary
 
 
 def main(token_dir, tokenizer_model, pretrained_dir, finetuned_dir, metrics_path, completions_path):
@@ -20,9 +20,7 @@ def main(token_dir, tokenizer_model, pretrained_dir, finetuned_dir, metrics_path
                            f"top-k {params.evaluate.top_k}, at most {params.evaluate.max_new_tokens} tokens", ""]
     for name, model_dir, chat in (("pretrain", pretrained_dir, False), ("finetune", finetuned_dir, True)):
         model = load_model(model_dir)
-        if model.config.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"{model_dir} has a vocabulary of {model.config.vocab_size} tokens but "
-                             f"{tokenizer_model} has {tokenizer.vocab_size}")
+        check_same_vocabulary(tokenizer, tokenizer_model, model.config, model_dir)
         sizes = (model.config.context_length, params.evaluate.batch_size, params.evaluate.eval_batches)
         metrics[name] = {
             **heldout_evaluator(token_dir, *sizes)(model),
@@ -38,4 +36,4 @@ def main(token_dir, tokenizer_model, pretrained_dir, finetuned_dir, metrics_path
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main)

@@ -4,10 +4,10 @@ usage: python -m stages.export PRETRAINED_DIR FINETUNED_DIR TOKENIZER_MODEL TOKE
 """
 
 import json
-import sys
 from pathlib import Path
 
 from model.encoding import load_meta
+from model.errors import run_stage
 from model.export import export_model
 from model.gpt import load_model
 from model.params import load_params
@@ -28,6 +28,8 @@ def main(pretrained_dir, finetuned_dir, tokenizer_model, token_dir, evaluate_jso
         summary = {
             "training": {
                 "stage": stage,
+                "optimizer": train.optimizer,
+                "schedule": train.schedule,
                 "steps": train.steps,
                 "tokens_per_step": train.batch_size * train.grad_accum * model.config.context_length,
                 "lr": train.lr,
@@ -45,4 +47,4 @@ def main(pretrained_dir, finetuned_dir, tokenizer_model, token_dir, evaluate_jso
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main)

@@ -3,10 +3,10 @@
 usage: python -m stages.extract_dialog OUT_DIR MANIFEST_JSON
 """
 
-import sys
 from pathlib import Path
 
 from model.dialog import SPLITS, read_split_zip
+from model.errors import run_stage
 from model.files import atomic_output, write_json, write_jsonl
 from model.params import load_params
 from model.sources import fetch_file
@@ -27,4 +27,4 @@ def main(out_dir, manifest_path):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main)

@@ -3,9 +3,9 @@
 usage: python -m stages.extract_wikipedia OUT_JSONL MANIFEST_JSON
 """
 
-import sys
 
 from model.corpus import clean_wikipedia, extract_to_jsonl
+from model.errors import run_stage
 from model.files import write_json
 from model.params import load_params
 from model.sources import stream_records
@@ -19,4 +19,4 @@ def main(out_path, manifest_path):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main)

@@ -4,15 +4,16 @@ usage: python -m stages.finetune TOKENS_DIR TOKENIZER_MODEL PRETRAINED_DIR CHECK
 """
 
 import hashlib
-import sys
 from pathlib import Path
 
+from model.batches import batch_rng, dialogue_batch
 from model.encoding import load_dialogues, load_meta
+from model.errors import run_stage
 from model.evaluation import dialog_evaluator
 from model.gpt import load_model
 from model.params import load_params
-from model.tokenizer import Tokenizer
-from model.training import RunPaths, TrainingError, batch_rng, checkpoint_identity, dialogue_batch, train
+from model.tokenizer import Tokenizer, check_same_vocabulary
+from model.training import RunPaths, checkpoint_identity, train
 
 
 def main(token_dir, tokenizer_model, pretrained_dir, checkpoint, out_dir, live_dir):
@@ -20,9 +21,7 @@ def main(token_dir, tokenizer_model, pretrained_dir, checkpoint, out_dir, live_d
     train_params = params.finetune
     tokenizer = Tokenizer(tokenizer_model)
     model = load_model(pretrained_dir)
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise TrainingError(f"{pretrained_dir} has a vocabulary of {model.config.vocab_size} tokens but "
-                            f"{tokenizer_model} has {tokenizer.vocab_size}: rerun pretrain with this tokenizer")
+    check_same_vocabulary(tokenizer, tokenizer_model, model.config, pretrained_dir)
     context_length = model.config.context_length
     tokens, mask, offsets = load_dialogues(token_dir, "train")
     evaluate = dialog_evaluator(token_dir, "validation", context_length, train_params.batch_size,
@@ -40,4 +39,4 @@ def main(token_dir, tokenizer_model, pretrained_dir, checkpoint, out_dir, live_d
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main)

@@ -4,17 +4,18 @@ usage: python -m stages.pretrain TOKENS_DIR TOKENIZER_MODEL CHECKPOINT OUT_MODEL
 (several processes or GPUs: torchrun --nproc_per_node N -m stages.pretrain ...)
 """
 
-import sys
 from dataclasses import asdict
 
 import torch
 
+from model.batches import batch_rng, pretraining_batch
 from model.encoding import load_meta, load_tokens
+from model.errors import run_stage
 from model.evaluation import heldout_evaluator
 from model.gpt import GPT, GPTConfig
 from model.params import load_params
 from model.tokenizer import Tokenizer
-from model.training import RunPaths, TrainingError, batch_rng, checkpoint_identity, pretraining_batch, train
+from model.training import RunPaths, TrainingError, checkpoint_identity, train
 
 
 def main(token_dir, tokenizer_model, checkpoint, out_dir, live_dir):
@@ -40,4 +41,4 @@ def main(token_dir, tokenizer_model, checkpoint, out_dir, live_dir):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    run_stage(main)

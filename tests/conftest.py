@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from model.corpus import clean_c4, clean_wikipedia, extract_documents
 from model.dialog import SPLITS, read_split_zip
-from model.tokenizer import train_bpe
+from model.tokenizer import bpe_lines, train_bpe
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 TEST_VOCAB_SIZE = 1024
@@ -88,7 +88,7 @@ def _sample_lines():
         texts += [doc["text"] for doc in extract_documents(records, clean_c4, 10**9, 200, Counter())]
     for split in SPLITS:
         texts += [turn for turns in read_split_zip(SAMPLE / "dailydialog" / f"{split}.zip", split) for turn in turns]
-    return [line for text in texts for line in text.split("\n") if line]
+    return bpe_lines(texts)
 
 
 @pytest.fixture(scope="session")

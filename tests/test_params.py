@@ -1,6 +1,9 @@
 """params.yaml schema: the shipped profiles load, and every bad value fails with an error naming its key."""
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,3 +198,15 @@ def test_the_fast_profile_differs_from_the_reference_in_the_recipe_only():
     assert (fast["pretrain"]["optimizer"], fast["pretrain"]["schedule"]) == ("muon", "wsd")
     tokens = lambda section: section["steps"] * section["batch_size"] * section["grad_accum"]  # noqa: E731
     assert tokens(fast["pretrain"]) == tokens(reference["pretrain"])
+
+
+def test_a_stage_reports_a_bad_param_in_one_line_without_a_traceback(raw, tmp_path):
+    raw["foo"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-m", "stages.combine", "a", "b", "c", "d"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: params.yaml: foo is not a known key; valid keys of (top level): seed, wikipedia, c4, dialog, "
+        "combine, tokenizer, model, pretrain, finetune, evaluate"]

@@ -11,9 +11,12 @@ through export once; a second `dvc repro` must run nothing. Which stages ran is 
 """
 
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from model.corpus import SOURCES
 from model.dialog import SPLITS
@@ -22,6 +25,7 @@ from model.tokenizer import END_OF_TEXT_ID, Tokenizer
 from tests.pipeline_copy import Workspace, make_workspace, stages_that_ran
 
 pytestmark = pytest.mark.e2e
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DATA_STAGES = ("extract_wikipedia", "extract_c4", "extract_dialog", "combine", "build_bpe", "encode")
 
@@ -100,6 +104,22 @@ def wikipedia_cap_run(workspace, vocab_run):
     ran, output = workspace.repro()
     return {"ran": ran, "output": output, "cap": cap, "before_stats": before_stats,
             "stats": workspace.json("metrics/extract_wikipedia.json"), "before": before, "after": workspace.hashes()}
+
+
+@pytest.fixture(scope="module")
+def failed_run(workspace, wikipedia_cap_run):
+    """A stage that fails at run time (a vocabulary the corpus cannot support), then the README's way back:
+    `git checkout params.yaml` and `dvc checkout`."""
+    workspace.commit("the wikipedia cap run")
+    before = workspace.hashes()
+    workspace.set_param("tokenizer", "vocab_size", 60000)
+    result = subprocess.run(workspace.dvc_command("repro", *DATA_STAGES), cwd=workspace.root, env=workspace.env,
+                            capture_output=True, text=True, timeout=600)
+    tokenizer_kept = (workspace.root / "data/tokenizer.model").exists()
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=workspace.root, check=True)
+    workspace.dvc("checkout")
+    return {"result": result, "tokenizer_kept": tokenizer_kept, "before": before, "after": workspace.hashes(),
+            "status": workspace.status(*DATA_STAGES)}
 
 
 def _changed(run, prefix):
@@ -213,3 +233,49 @@ def test_second_repro_of_the_whole_pipeline_runs_nothing(short_pipeline):
     workspace, lock = short_pipeline
     assert stages_that_ran(workspace.dvc("repro")) == set()
     assert workspace.lock() == lock
+
+
+def test_plots_page_draws_every_declared_chart_with_the_network_off(short_pipeline, tmp_path):
+    """`dvc plots show` as a user runs it after `make repro`, then the page in a browser that has no network."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.browser import headless_chromium
+
+    workspace, _ = short_pipeline
+    node_modules = REPO_ROOT / "node_modules"
+    if not (node_modules / "vega-embed").is_dir():
+        pytest.skip("the plots page's JavaScript is not installed (make setup runs npm ci)")
+    link = workspace.root / "node_modules"
+    if not link.exists():
+        link.symlink_to(node_modules)  # what `make setup` installs there; git-ignored, so not in the copy
+    workspace.dvc("plots", "show")
+    page = workspace.root / "dvc_plots" / "index.html"
+    html = page.read_text(encoding="utf-8")
+    assert "http://" not in html.split("<body>")[0] and "https://" not in html.split("<body>")[0]
+    declared = len(yaml.safe_load((workspace.root / "dvc.yaml").read_text(encoding="utf-8"))["plots"])
+    browser = headless_chromium(tmp_path / "profile")
+    try:
+        browser.set_network_conditions(offline=True, latency=0, download_throughput=0, upload_throughput=0)
+        browser.get(page.as_uri())
+        WebDriverWait(browser, 30).until(
+            lambda b: b.execute_script("return document.querySelectorAll('.vega-embed canvas').length") == declared)
+        titles = browser.execute_script(
+            "return Array.from(document.querySelectorAll('.vega-embed')).map(e => e.getAttribute('aria-label') || '')")
+        sizes = browser.execute_script(
+            "return Array.from(document.querySelectorAll('.vega-embed canvas')).map(c => [c.width, c.height])")
+    finally:
+        browser.quit()
+    assert len(titles) == declared
+    assert all(width > 100 and height > 100 for width, height in sizes)
+
+
+def test_a_failed_stage_says_why_in_one_line_and_dvc_checkout_brings_its_outputs_back(failed_run):
+    result = failed_run["result"]
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "tokenizer.vocab_size" in errors[0], output[-3000:]
+    assert not failed_run["tokenizer_kept"]  # DVC removed the stage's outputs before running it
+    assert failed_run["after"] == failed_run["before"]
+    assert failed_run["status"] == {}

@@ -15,9 +15,12 @@ from model.tokenizer import (
     USER_ID,
     CorpusTooSmallError,
     Tokenizer,
+    VocabularyMismatchError,
+    check_same_vocabulary,
     sample_sentences,
     train_bpe,
 )
+from tests import tiny
 
 VARIED_TEXTS = [
     "Plain sentence with words.",
@@ -221,3 +224,11 @@ def test_sample_sentences_keeps_a_seeded_subset_in_original_order():
 def test_sample_sentences_keeps_everything_under_the_limit():
     lines = ["a", "b", "c"]
     assert sample_sentences(lines, 3, seed=1) == lines
+
+
+def test_a_model_of_another_vocabulary_is_refused_naming_both_files(tmp_path):
+    path, tokenizer = tiny.make_tokenizer(tmp_path)
+    check_same_vocabulary(tokenizer, path, tiny.tiny_config(vocab_size=tokenizer.vocab_size), "models/x")
+    with pytest.raises(VocabularyMismatchError) as info:
+        check_same_vocabulary(tokenizer, path, tiny.tiny_config(vocab_size=tokenizer.vocab_size + 1), "models/x")
+    assert "models/x" in str(info.value) and str(path) in str(info.value)

@@ -28,20 +28,17 @@ from model.encoding import encode_dialogues  # noqa: E402
 from model.gpt import IGNORE_INDEX, load_model  # noqa: E402
 from model.params import TrainParams  # noqa: E402
 from model.tokenizer import ASSISTANT_ID, END_OF_TEXT_ID, USER_ID, Tokenizer, train_bpe  # noqa: E402
+from model.batches import batch_rng, dialogue_batch, pretraining_batch  # noqa: E402
+from model.evaluation import evaluation_windows, mean_loss  # noqa: E402
 from model.training import (  # noqa: E402
     CPUMuon,
     RunPaths,
     Runtime,
     TrainingError,
-    batch_rng,
     build_optimizers,
     checkpoint_identity,
-    dialogue_batch,
-    evaluation_windows,
     learning_rate,
     lr_multiplier,
-    mean_loss,
-    pretraining_batch,
     resume_state,
     set_learning_rates,
     train,
@@ -309,7 +306,7 @@ def test_batches_are_a_pure_function_of_seed_step_and_micro_batch():
 
 
 def test_evaluation_windows_on_too_short_a_split_name_the_context_length():
-    with pytest.raises(TrainingError, match="context_length"):
+    with pytest.raises(ValueError, match="context_length"):
         list(evaluation_windows(np.arange(CONTEXT, dtype=np.uint16), 2, 2, CONTEXT))
 
 
@@ -554,6 +551,17 @@ def test_unfinished_checkpoint_from_different_params_is_an_error_naming_the_key(
     with pytest.raises(TrainingError, match=r"train\.lr") as info:
         run_train(tmp_path, tiny_model(), changed, chain_sampler(tokens, changed))
     assert "unfinished" in str(info.value)
+
+
+def test_unfinished_run_resumes_after_checkpoint_every_changes(tmp_path):
+    tokens = markov_chain(2000, seed=1)
+    params = train_params(steps=8, checkpoint_every=2)
+    with pytest.raises(Interrupted):
+        run_train(tmp_path, tiny_model(), params, interrupt_at(chain_sampler(tokens, params), 3))
+    changed = replace(params, checkpoint_every=4)
+    identity = checkpoint_identity(tiny_model().config, changed, 0, {"data": "chain"})
+    optimizers = build_optimizers(tiny_model(), changed)
+    assert resume_state(tmp_path / "checkpoint.safetensors", identity, tiny_model(), optimizers)[0] == 2
 
 
 def test_finished_checkpoint_is_not_resumed(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from model.dialog import read_split_zip
 from model.export import export_model
 from model.gpt import GPT, GPTConfig
-from model.tokenizer import Tokenizer, train_bpe
+from model.tokenizer import Tokenizer, bpe_lines, train_bpe
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample"
 
@@ -18,7 +18,7 @@ def sample_lines():
     """Lines of the bundled sample: encyclopedia paragraphs and dialogue turns."""
     articles = pq.read_table(SAMPLE / "wikipedia" / "20231101.sample").column("text").to_pylist()
     turns = [turn for dialogue in read_split_zip(SAMPLE / "dailydialog" / "train.zip", "train") for turn in dialogue]
-    return [line for text in articles + turns for line in text.split("\n") if line.strip()]
+    return bpe_lines(articles + turns)
 
 
 def make_tokenizer(folder, vocab_size=600):
