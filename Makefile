@@ -4,14 +4,19 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test ryangpt bench
+.PHONY: setup repro test profile ryangpt bench
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed node_modules/.installed
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -r requirements.txt -r requirements-dev.txt
 	touch $@
+
+# The plots page's JavaScript (vega, from the npm registry), so `dvc plots show` renders offline.
+node_modules/.installed: package.json package-lock.json
+	@if command -v npm >/dev/null 2>&1; then npm ci --no-audit --no-fund --loglevel=error && touch $@; \
+	else echo "npm not found: install Node.js for the dvc plots show page; nothing else needs it"; fi
 
 repro: setup
 	dvc repro
@@ -19,11 +24,15 @@ repro: setup
 test: setup
 	python -m pytest -q tests
 
-# Switch params.yaml to the full RyanGPT profile; `dvc params diff` then shows what changed
-# and `git checkout params.yaml` switches back to the sample profile. Local edits are never overwritten.
-ryangpt:
+# Switch params.yaml to a profile of configs/ (`make profile NAME=ryangpt-fast`); `dvc params diff` then
+# shows what changed and `git checkout params.yaml` switches back to the sample profile. Local edits of
+# params.yaml are never overwritten.
+profile: setup
 	@git diff --quiet -- params.yaml || { echo "params.yaml has local edits; commit or stash them first (git diff params.yaml)"; exit 1; }
-	cp configs/ryangpt.yaml params.yaml
+	python -m model.profiles $(NAME)
+
+ryangpt:
+	$(MAKE) profile NAME=ryangpt
 
 bench: setup
 	python benchmarks/data_pipeline.py

@@ -18,11 +18,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 
 from benchmarks.report import machine_line, write_section
 from model.gpt import GPT, GPTConfig
-from model.params import load_params
+from model.params import parse_params
+from model.profiles import profile_text
 from model.training import RunPaths, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +33,7 @@ REFERENCE_TOKENS = 2_621_440_000
 
 
 def measure(profile, steps, log_every):
-    params = load_params(REPO / "configs" / profile)
+    params = parse_params(yaml.safe_load(profile_text(REPO / "configs" / profile)))
     train_params = replace(params.pretrain, steps=steps, log_every=log_every, eval_every=steps,
                            checkpoint_every=steps, warmup_steps=min(params.pretrain.warmup_steps, steps // 10),
                            device="cuda")

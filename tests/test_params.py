@@ -2,6 +2,7 @@
 
 import copy
 import os
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from model import profiles
+from model.errors import PipelineError
 from model.params import MAX_UINT16_VOCAB, MIN_VOCAB, Params, ParamsError, load_params, parse_params
+from model.profiles import profile_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,10 +31,18 @@ def _error(raw):
     return str(info.value)
 
 
-@pytest.mark.parametrize("path", ["params.yaml", "configs/ryangpt.yaml", "configs/ryangpt-fast.yaml",
-                                  "configs/ryangpt-unique.yaml"])
-def test_load_params_accepts_the_shipped_profiles(path):
-    params = load_params(REPO_ROOT / path)
+def profile(name):
+    """configs/NAME.yaml resolved as `make profile NAME=...` writes it."""
+    return parse_params(yaml.safe_load(profile_text(REPO_ROOT / "configs" / f"{name}.yaml")))
+
+
+def test_load_params_accepts_the_sample_profile():
+    assert isinstance(load_params(REPO_ROOT / "params.yaml"), Params)
+
+
+@pytest.mark.parametrize("name", ["ryangpt", "ryangpt-fast", "ryangpt-unique"])
+def test_the_shipped_profiles_resolve_to_valid_params(name):
+    params = profile(name)
     assert isinstance(params, Params)
     assert MIN_VOCAB <= params.tokenizer.vocab_size <= MAX_UINT16_VOCAB
 
@@ -181,7 +193,7 @@ def test_init_belongs_to_pretraining_only(raw):
 
 
 def test_the_reference_profile_runs_the_reference_recipe():
-    params = load_params(REPO_ROOT / "configs" / "ryangpt.yaml")
+    params = profile("ryangpt")
     for section in (params.pretrain, params.finetune):
         assert (section.optimizer, section.schedule, section.beta1, section.beta2) == ("adamw", "cosine", 0.9, 0.99)
         assert section.weight_decay == 0.1
@@ -191,13 +203,43 @@ def test_the_reference_profile_runs_the_reference_recipe():
 
 
 def test_the_fast_profile_differs_from_the_reference_in_the_recipe_only():
-    reference = yaml.safe_load((REPO_ROOT / "configs" / "ryangpt.yaml").read_text(encoding="utf-8"))
-    fast = yaml.safe_load((REPO_ROOT / "configs" / "ryangpt-fast.yaml").read_text(encoding="utf-8"))
-    assert {k: v for k, v in fast.items() if k not in ("pretrain", "finetune")} == {
-        k: v for k, v in reference.items() if k not in ("pretrain", "finetune")}
-    assert (fast["pretrain"]["optimizer"], fast["pretrain"]["schedule"]) == ("muon", "wsd")
-    tokens = lambda section: section["steps"] * section["batch_size"] * section["grad_accum"]  # noqa: E731
-    assert tokens(fast["pretrain"]) == tokens(reference["pretrain"])
+    reference, fast = profile("ryangpt"), profile("ryangpt-fast")
+    assert replace(fast, pretrain=reference.pretrain, finetune=reference.finetune) == reference
+    assert (fast.pretrain.optimizer, fast.pretrain.schedule) == ("muon", "wsd")
+    for field in ("steps", "batch_size", "grad_accum"):  # the same token budget
+        assert getattr(fast.pretrain, field) == getattr(reference.pretrain, field)
+
+
+def test_the_unique_profile_differs_from_the_fast_one_in_the_data_caps_only():
+    fast, unique = profile("ryangpt-fast"), profile("ryangpt-unique")
+    assert replace(unique, wikipedia=fast.wikipedia, c4=fast.c4) == fast
+    assert unique.wikipedia.max_bytes + unique.c4.max_bytes > 7 * (fast.wikipedia.max_bytes + fast.c4.max_bytes)
+
+
+def test_make_profile_writes_the_resolved_profile_with_its_comments(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    for name in ("ryangpt.yaml", "ryangpt-fast.yaml"):
+        (tmp_path / "configs" / name).write_text((REPO_ROOT / "configs" / name).read_text())
+    monkeypatch.chdir(tmp_path)
+    profiles.main("ryangpt-fast")
+    text = (tmp_path / "params.yaml").read_text()
+    assert text.startswith("# The RyanGPT-fast profile")
+    assert "lr: 3.0e-3                     # AdamW peak: the output head and the norm gains" in text
+    assert "base:" not in text
+    assert load_params(tmp_path / "params.yaml") == profile("ryangpt-fast")
+
+
+def test_an_invalid_profile_is_refused_and_params_yaml_is_left_alone(tmp_path, monkeypatch):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "ryangpt.yaml").write_text((REPO_ROOT / "configs" / "ryangpt.yaml").read_text())
+    (tmp_path / "configs" / "bad.yaml").write_text("base: ryangpt.yaml\npretrain:\n  optimizer: sgd\n")
+    (tmp_path / "params.yaml").write_text("untouched")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamsError, match="pretrain.optimizer"):
+        profiles.main("bad")
+    with pytest.raises(PipelineError, match="the profiles in configs: bad, ryangpt"):
+        profiles.main("missing")
+    assert (tmp_path / "params.yaml").read_text() == "untouched"
 
 
 def test_a_stage_reports_a_bad_param_in_one_line_without_a_traceback(raw, tmp_path):
