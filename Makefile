@@ -35,4 +35,4 @@ ryangpt:
 	$(MAKE) profile NAME=ryangpt
 
 bench: setup
-	python benchmarks/data_pipeline.py
+	python -m benchmarks.data_pipeline

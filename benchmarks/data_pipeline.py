@@ -1,6 +1,6 @@
 """Data pipeline benchmark: BPE training time and encoding throughput, on real text.
 
-usage (from the repository root): .venv/bin/python benchmarks/data_pipeline.py
+usage (from the repository root): .venv/bin/python -m benchmarks.data_pipeline
 
 Reads the real-text slices in ../shared/corpus (Wikipedia and C4, about 3.5 MB once cleaned; they are
 read in place, never copied into the repository), runs the project's own code paths on them, prints
@@ -20,7 +20,6 @@ import os
 import platform
 import re
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -34,8 +33,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
+from benchmarks.report import write_section  # noqa: E402
 from model.corpus import clean_c4, clean_wikipedia, extract_documents  # noqa: E402
 from model.encoding import encode_documents  # noqa: E402
 from model.sources import stream_records  # noqa: E402
@@ -43,10 +42,8 @@ from model.tokenizer import END_OF_TEXT_ID, CorpusTooSmallError, bpe_lines, samp
 
 CORPUS = REPO.parent / "shared" / "corpus"
 PROFILE = REPO / "configs" / "ryangpt.yaml"
-REPORT = REPO / "BENCHMARKS.md"
 HEADING = "## Data pipeline (BPE and encoding)"
-INTRO = "# Benchmarks\n\nMeasured figures; each section is regenerated in place by the script it names.\n"
-COMMAND = ".venv/bin/python benchmarks/data_pipeline.py"
+COMMAND = ".venv/bin/python -m benchmarks.data_pipeline"
 
 REPEATS = 3
 FIT_LINE_COUNTS = (100_000, 200_000, 400_000, 800_000)  # measured, then fitted and extrapolated
@@ -228,7 +225,6 @@ def machine():
 
 def render_header(info, corpus):
     lines = [
-        HEADING, "",
         f"Command: `{COMMAND}` (reads `../shared/corpus` in place). Machine: {info['machine']}. "
         f"Date: {info['date']}. Times are medians of {REPEATS} runs; MB = 10^6 bytes of UTF-8 text. "
         f"Other processes used {info['others_cpu_s']:.0f} CPU-seconds during the {info['wall_s']:.0f} s run "
@@ -317,17 +313,6 @@ def render(info, corpus, bpe, encoding):
     return "\n".join(sections)
 
 
-def write_section(section):
-    """Replaces the section under HEADING in REPORT (up to the next '## ' heading), or appends it."""
-    text = REPORT.read_text(encoding="utf-8") if REPORT.exists() else INTRO
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    REPORT.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
-
-
 def main():
     profile = load_profile()
     start_wall, (start_machine, start_own) = time.perf_counter(), busy_cpu_seconds()
@@ -346,7 +331,7 @@ def main():
     info["others_share"] = info["others_cpu_s"] / (info["wall_s"] * os.cpu_count())
     section = render(info, corpus, bpe, encoding)
     print(section)
-    write_section(section)
+    write_section(HEADING, section)
 
 
 if __name__ == "__main__":

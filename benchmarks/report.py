@@ -31,6 +31,12 @@ def machine_line():
             f"torch {torch.__version__}. Date: {now}.")
 
 
+def percentile(values, share):
+    """The value at `share` (0.5 for the median, 0.99 for p99) of `values`, by nearest rank; nan if empty."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))] if ordered else float("nan")
+
+
 def write_section(heading, body):
     """Replaces the section `heading` of BENCHMARKS.md (up to the next '## ') or appends it."""
     text = REPORT.read_text(encoding="utf-8") if REPORT.exists() else INTRO

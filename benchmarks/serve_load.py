@@ -1,6 +1,6 @@
 """Serving benchmark: the HTTP server under 1, 4, 16 and 64 concurrent streaming clients.
 
-usage (from the repository root): .venv/bin/python benchmarks/serve_load.py [--tokens 128]
+usage (from the repository root): .venv/bin/python -m benchmarks.serve_load [--tokens 128]
 
 Builds a model of the ryangpt shape (random weights: speed does not depend on them) with a 16k
 tokenizer trained on ../shared/corpus, exports it like the pipeline does, starts `python -m serve`
@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -25,9 +24,8 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.report import machine_line, running_server, write_section  # noqa: E402
+from benchmarks.report import machine_line, percentile, running_server, write_section  # noqa: E402
 from model.corpus import clean_c4, clean_wikipedia, extract_documents  # noqa: E402
 from model.export import export_model  # noqa: E402
 from model.gpt import GPT, GPTConfig  # noqa: E402
@@ -39,7 +37,7 @@ CORPUS = REPO.parent / "shared" / "corpus"
 CLIENT_COUNTS = (1, 4, 16, 64)
 REQUESTS_PER_CLIENT = 2
 PROMPT = "The history of the city began when"
-COMMAND = ".venv/bin/python benchmarks/serve_load.py"
+COMMAND = ".venv/bin/python -m benchmarks.serve_load"
 
 
 def build_export(folder):
@@ -85,7 +83,7 @@ async def load_round(url, clients, tokens):
     return {
         "clients": clients,
         "p50": statistics.median(latencies),
-        "p99": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+        "p99": percentile(latencies, 0.99),
         "ttft": statistics.median(first_tokens),
         "tokens_per_s": len(samples) * tokens / wall,
     }

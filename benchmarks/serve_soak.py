@@ -1,7 +1,7 @@
 """Soak test: the HTTP server under many concurrent clients for minutes, where no error is allowed.
 
 usage (from the repository root):
-    .venv/bin/python benchmarks/serve_soak.py [--duration 180] [--clients 64] [--tiny] [--models-dir DIR ...]
+    .venv/bin/python -m benchmarks.serve_soak [--duration 180] [--clients 64] [--tiny] [--models-dir DIR ...]
 
 For each models folder (default serve/models; --tiny adds the tiny models of tests/tiny.py, exported
 to a temporary folder), starts `python -m serve` on a free loopback port. Then --clients asyncio
@@ -19,7 +19,6 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -28,9 +27,8 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from benchmarks.report import machine_line, running_server, write_section  # noqa: E402
+from benchmarks.report import machine_line, percentile, running_server, write_section  # noqa: E402
 
 MAX_REQUESTS_PER_CLIENT = 100_000
 REQUEST_TIMEOUT = 60.0
@@ -170,11 +168,6 @@ def run_server_and_soak(models_dir, clients, duration):
     return tally
 
 
-def percentile(values, share):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))] if ordered else float("nan")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=180, help="seconds of load per models folder")
@@ -201,7 +194,7 @@ def main():
                 f"{tally.rss_start:.0f} / {tally.rss_end:.0f} (peak {tally.rss_peak:.0f}) | {load_before:.1f} |")
             problems += [f"{name}: {error}" for error in tally.errors[:10]]
     lines = [
-        f"Command: `.venv/bin/python benchmarks/serve_soak.py --duration {args.duration:g} --clients {args.clients}"
+        f"Command: `.venv/bin/python -m benchmarks.serve_soak --duration {args.duration:g} --clients {args.clients}"
         f"{' --tiny' if args.tiny else ''}{''.join(f' --models-dir {d}' for d in args.models_dir or [])}`. "
         f"{machine_line()}",
         "",

@@ -1,6 +1,6 @@
 """Training throughput of the ryangpt model shape: our model against a straightforward reference.
 
-usage (from the repository root): .venv/bin/python benchmarks/train_throughput.py [--batch 4] [--steps 6]
+usage (from the repository root): .venv/bin/python -m benchmarks.train_throughput [--batch 4] [--steps 6]
 
 Both models have the same shape (configs/ryangpt.yaml: 6 x 320, 5 heads, d_ff 1280, vocab 16,000,
 untied head, context 512) and train with the same AdamW step on the same random batches, in fp32
@@ -12,7 +12,6 @@ rotary embeddings. Writes the section "## Training throughput (CPU)" of BENCHMAR
 import argparse
 import math
 import statistics
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,13 +22,12 @@ import torch.nn.functional as F
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from benchmarks.report import machine_line, write_section  # noqa: E402
 from model.gpt import GPT, GPTConfig  # noqa: E402
 from model.params import parse_params  # noqa: E402
 
-COMMAND = ".venv/bin/python benchmarks/train_throughput.py"
+COMMAND = ".venv/bin/python -m benchmarks.train_throughput"
 REPEATS = 3
 
 

@@ -9,7 +9,6 @@ usage: python -m model.profiles NAME   (writes configs/NAME.yaml, resolved, onto
 """
 
 import io
-import sys
 from pathlib import Path
 
 from ruamel.yaml import YAML
