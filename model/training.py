@@ -64,7 +64,7 @@ def learning_rate(step, params):
 def build_optimizers(model, params, fused=False, cpu=True):
     """{name: optimizer}, each param group with its own peak learning rate ('peak_lr').
 
-    adamw: AdamW on everything, decay on matrices only (today's recipe and the reference's).
+    adamw: AdamW on everything, decay on matrices only (the earlier recipe and the reference's).
     muon: torch.optim.Muon on the hidden matrices; AdamW on the embedding (embed_lr, or lr when
     the head is tied to it), the untied head and the norm gains (lr). Muon orthogonalises each
     2-D update, which suits the hidden matrices only: embeddings are lookups, not linear maps.
