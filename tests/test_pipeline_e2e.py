@@ -117,7 +117,7 @@ def failed_run(workspace, wikipedia_cap_run):
                             capture_output=True, text=True, timeout=600)
     tokenizer_kept = (workspace.root / "data/tokenizer.model").exists()
     subprocess.run(["git", "checkout", "params.yaml"], cwd=workspace.root, check=True)
-    workspace.dvc("checkout")
+    workspace.dvc("checkout", *DATA_STAGES)  # the data stages: this copy trained nothing
     return {"result": result, "tokenizer_kept": tokenizer_kept, "before": before, "after": workspace.hashes(),
             "status": workspace.status(*DATA_STAGES)}
 
