@@ -203,7 +203,7 @@ def test_wsd_with_decay_fraction_one_decays_from_the_start():
     assert learning_rate(50, params) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_every_group_follows_the_schedule_from_its_own_peak(tmp_path):
+def test_every_group_follows_the_schedule_from_its_own_peak():
     model = tiny_model(tie_embeddings=False)
     params = train_params(optimizer="muon", schedule="wsd", steps=10, warmup_steps=0, lr=1e-3, embed_lr=5e-3,
                           matrix_lr=2e-2, min_lr=1e-4, decay_fraction=0.5)
@@ -494,7 +494,8 @@ def _resume_runs(tmp_path_factory, optimizer):
     def evaluate(model):
         return {"val/loss": mean_loss(model, heldout, CPU)}
 
-    straight_dir, resumed_dir = tmp_path_factory.mktemp(f"straight-{optimizer}"), tmp_path_factory.mktemp(f"resumed-{optimizer}")
+    straight_dir = tmp_path_factory.mktemp(f"straight-{optimizer}")
+    resumed_dir = tmp_path_factory.mktemp(f"resumed-{optimizer}")
     straight = tiny_model(seed=0)
     straight_metrics = run_train(straight_dir, straight, params, sample_batch, evaluate)
 
