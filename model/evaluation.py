@@ -9,7 +9,7 @@ from model.batches import dialogue_batch
 from model.corpus import SOURCES
 from model.encoding import load_dialogues, load_meta, load_tokens
 from model.errors import PipelineError
-from model.generate import generate
+from model.generate import Sampling, generate
 from model.gpt import IGNORE_INDEX
 
 class EvaluationError(PipelineError, ValueError):
@@ -96,8 +96,8 @@ def completions(model, tokenizer, chat, params, seed):
     for prompt in CHAT_PROMPTS if chat else BASE_PROMPTS:
         prompt_ids = tokenizer.chat_prompt([prompt]) if chat else tokenizer.document_prompt(prompt)
         stop_ids = tokenizer.reply_end_ids if chat else tokenizer.document_end_ids
-        new_ids = generate(model, prompt_ids, params.max_new_tokens, params.temperature, params.top_k,
-                           seed=seed, stop_ids=stop_ids)
+        sampling = Sampling(params.max_new_tokens, params.temperature, params.top_k, stop_ids=tuple(stop_ids))
+        new_ids = generate(model, prompt_ids, sampling, seed)
         # The stop token that ended the text (<|endoftext|>, a newline, <|user|>) is not part of it.
         results.append((prompt, tokenizer.decode([i for i in new_ids if i not in stop_ids])))
     return results

@@ -1,15 +1,70 @@
 """Text generation: prefill the prompt into a KV cache, then decode one token at a time.
 
-Sampling is a few small pure functions (temperature, top-k, top-p), shared by the evaluation
-stage and the server.
+`next_tokens` is the one sampling step, shared by the evaluate stage (`generate`) and the server's
+batching engine: each sequence's next token comes from its own row of logits, its own settings and
+its own random stream, and never from the other rows of the batch.
 """
 
+from dataclasses import dataclass, field
+
+import numpy as np
 import torch
 
 from model.gpt import KVCache
 
-
 NUCLEUS_CANDIDATES = 256  # top-p looks at this many most likely tokens first (a full sort is slow)
+# Below this temperature, sampling is greedy decoding in all but name, and logits / temperature would overflow.
+GREEDY_BELOW_TEMPERATURE = 1e-6
+# A top_p under the top token's probability (never under 1 / vocabulary size) keeps that token alone. Raising
+# smaller values to this one changes nothing, and keeps them from rounding to 0 in float32, which drops every token.
+MIN_TOP_P = 1e-6
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one sequence picks its tokens: at most `max_tokens`, none of `stop_ids` before `min_tokens`."""
+
+    max_tokens: int
+    temperature: float = 1.0  # 0 is greedy
+    top_k: int | None = None
+    top_p: float = 1.0
+    min_tokens: int = 0
+    stop_ids: tuple = ()  # tokens that end the text
+
+    def __post_init__(self):
+        if self.temperature < GREEDY_BELOW_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)
+        object.__setattr__(self, "top_p", max(self.top_p, MIN_TOP_P))
+
+
+def random_stream(seed=None, choice=0):
+    """The random numbers one sequence samples with.
+
+    Every bit of a 64-bit seed counts (a negative seed is taken modulo 2**64), and each choice of a
+    request with n choices has its own stream, seeded with (seed, choice): choice 0 is the text the
+    same request with n = 1 gives. Without a seed, the operating system's entropy.
+    """
+    if seed is None:
+        return np.random.default_rng()
+    return np.random.default_rng(np.random.SeedSequence([seed % 2**64, choice]))
+
+
+@dataclass
+class Sequence:
+    """A prompt and the tokens generated after it so far."""
+
+    prompt_ids: list
+    sampling: Sampling
+    stream: np.random.Generator = field(default_factory=random_stream)
+    new_ids: list = field(default_factory=list)
+
+    def finished(self, context_length):
+        """'stop' after a stop id, 'length' at max_tokens or at the end of the context, else None."""
+        if self.new_ids and self.new_ids[-1] in self.sampling.stop_ids:
+            return "stop"
+        if len(self.new_ids) >= self.sampling.max_tokens or len(self.prompt_ids) + len(self.new_ids) >= context_length:
+            return "length"
+        return None
 
 
 def logits_to_probs(logits, temperature, top_k=None, top_p=None):
@@ -25,63 +80,74 @@ def logits_to_probs(logits, temperature, top_k=None, top_p=None):
 
 
 def nucleus(probs, top_p):
-    """Keeps the smallest set of most likely tokens whose mass reaches top_p (at least one), renormalised."""
-    candidates, order = torch.topk(probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
-    if not bool((candidates.sum(dim=-1) >= top_p).all()):  # a flat distribution: the nucleus is wider
-        candidates, order = torch.sort(probs, dim=-1, descending=True)
-    keep = candidates.cumsum(dim=-1) - candidates < top_p
-    kept = torch.zeros_like(probs).scatter(-1, order, candidates * keep)
+    """Keeps the smallest set of most likely tokens whose mass reaches top_p (at least one), renormalised.
+
+    Rows whose nucleus fits in the top NUCLEUS_CANDIDATES are sorted that far only; the others (flat
+    distributions) fully. Which way a row goes depends on that row alone.
+    """
+    vocab = probs.shape[-1]
+    narrow = torch.topk(probs, min(NUCLEUS_CANDIDATES, vocab), dim=-1).values.sum(dim=-1) >= top_p
+    kept = torch.zeros_like(probs)
+    for rows, width in ((narrow, NUCLEUS_CANDIDATES), (~narrow, vocab)):
+        if rows.any():
+            candidates, order = torch.topk(probs[rows], min(width, vocab), dim=-1)
+            keep = candidates.cumsum(dim=-1) - candidates < top_p
+            kept[rows] = torch.zeros_like(probs[rows]).scatter(-1, order, candidates * keep)
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def draw(probs, generators):
-    """One token per row of `probs`, row i drawn with generators[i]: the inverse CDF of one uniform number."""
+def draw(probs, streams):
+    """One token per row of `probs`, row i drawn with streams[i]: the inverse CDF of one uniform number."""
     cdf = probs.cumsum(dim=-1)
-    uniform = torch.stack([torch.rand((), generator=generator) for generator in generators])
+    uniform = torch.tensor([stream.random() for stream in streams], dtype=probs.dtype, device=probs.device)
     tokens = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(-1)
     return tokens.clamp(max=probs.shape[-1] - 1)
 
 
-def sample(logits, temperature, top_k=None, top_p=None, generator=None):
-    """One token id per row of (B, vocab) logits; temperature 0 is greedy."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = logits_to_probs(logits.float(), temperature, top_k, top_p)
-    return draw(probs, [generator] * probs.shape[0])
+def next_tokens(logits, sequences):
+    """The next token id of each sequence, from its row of (B, vocab) logits.
+
+    Rows with the same settings are filtered together (the operations work row by row); each row
+    then draws with its sequence's own stream, so a seeded sequence gives the same text however it
+    was batched.
+    """
+    logits = logits.float().clone()
+    for row, sequence in enumerate(sequences):
+        if len(sequence.new_ids) < sequence.sampling.min_tokens and sequence.sampling.stop_ids:
+            logits[row, list(sequence.sampling.stop_ids)] = float("-inf")
+    groups = {}
+    for row, sequence in enumerate(sequences):
+        sampling = sequence.sampling
+        groups.setdefault((sampling.temperature, sampling.top_k, sampling.top_p), []).append(row)
+    tokens = [0] * len(sequences)
+    for (temperature, top_k, top_p), rows in groups.items():
+        if temperature == 0:
+            chosen = logits[rows].argmax(dim=-1)
+        else:
+            probs = logits_to_probs(logits[rows], temperature, top_k, top_p)
+            chosen = draw(probs, [sequences[row].stream for row in rows])
+        for row, token in zip(rows, chosen.tolist()):
+            tokens[row] = token
+    return tokens
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=0,
-             stop_ids=(), min_new_tokens=0, use_cache=True):
-    """New token ids continuing `prompt_ids`; stops after a stop id (included) or at the context end.
-
-    `min_new_tokens` forbids the stop ids before that many tokens. Without the cache every step
-    runs the whole sequence again (the slow reference the cache is tested against).
-    """
-    device = model.rope_cos.device
+def generate(model, prompt_ids, sampling, seed=None):
+    """New token ids continuing `prompt_ids`; ends after a stop id (included), at max_tokens or at the
+    end of the context."""
     context_length = model.config.context_length
-    max_new_tokens = min(max_new_tokens, context_length - len(prompt_ids))
-    if max_new_tokens <= 0:
+    if not 0 < len(prompt_ids) < context_length:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds {context_length}")
-    generator = torch.Generator(device=device).manual_seed(seed)
-    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    tokens = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    cache = KVCache(model.config, 1, context_length, device, model.rope_cos.dtype) if use_cache else None
-    step_input, positions = tokens, torch.arange(tokens.shape[1], device=device)[None]
-    new_ids = []
-    for _ in range(max_new_tokens):
-        if use_cache:
-            logits, _ = model(step_input, cache=cache, positions=positions)
-        else:
-            logits, _ = model(tokens)
-        next_logits = logits[:, -1].float()
-        if len(new_ids) < min_new_tokens and stop.numel():
-            next_logits[:, stop] = float("-inf")
-        next_id = sample(next_logits, temperature, top_k, top_p, generator)
-        new_ids.append(int(next_id))
-        if new_ids[-1] in stop_ids:
-            break
-        step_input = next_id[:, None]
+    device = model.rope_cos.device
+    sequence = Sequence(list(prompt_ids), sampling, random_stream(seed))
+    cache = KVCache(model.config, 1, context_length, device, model.rope_cos.dtype)
+    rows = torch.zeros(1, dtype=torch.long, device=device)
+    tokens = torch.tensor([prompt_ids], device=device)
+    positions = torch.arange(len(prompt_ids), device=device)[None]
+    while True:
+        logits, _ = model(tokens, cache=cache, rows=rows, positions=positions)
+        sequence.new_ids += next_tokens(logits[:, -1], [sequence])
+        if sequence.finished(context_length):
+            return sequence.new_ids
+        tokens = torch.tensor([sequence.new_ids[-1:]], device=device)
         positions = positions[:, -1:] + 1
-        tokens = torch.cat([tokens, step_input], dim=1)
-    return new_ids

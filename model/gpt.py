@@ -58,32 +58,33 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Keys and values of every layer for up to `batch_size` sequences of up to `max_length` tokens.
 
-    A forward pass of B rows uses cache rows first_row .. first_row + B - 1. Each token is written
-    at its own position, so the rows of one batch may be at different lengths: the server decodes
-    many requests together this way, and prefills a new one into a free row (first_row = row).
+    A forward pass names the cache row of each of its sequences (`rows`, (B,)) and the absolute
+    position of each of its tokens (`positions`, (B, T)). Each token is written at its own position,
+    so the sequences of one batch may be at different lengths: the server decodes many requests
+    together this way, and prefills a new one into a free row.
     """
 
     def __init__(self, config, batch_size, max_length, device=None, dtype=torch.float32):
         shape = (config.n_layers, batch_size, config.n_heads, max_length, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
-        self.first_row = 0
 
-    def update(self, layer, keys, values, positions):
-        """Stores (B, H, T, D) keys / values at `positions` (B, T); returns all keys, values and the mask."""
-        batch = keys.shape[0]
-        rows = slice(self.first_row, self.first_row + batch)
-        row_index = torch.arange(rows.start, rows.stop, device=keys.device)[:, None]
-        self.keys[layer, row_index, :, positions] = keys.transpose(1, 2)
-        self.values[layer, row_index, :, positions] = values.transpose(1, 2)
-        length = int(positions.max()) + 1
-        visible = torch.arange(length, device=keys.device) <= positions[:, None, :, None]  # (B, 1, T, length)
-        return self.keys[layer, rows, :, :length], self.values[layer, rows, :, :length], visible
+    def attend(self, layer, rows, positions, queries, keys, values):
+        """Stores (B, H, T, D) keys and values, then attends each query to its own sequence up to itself.
 
-    def move_row(self, source, target):
-        """Copies one sequence's cache row to another row (the server keeps its active rows packed)."""
-        self.keys[:, target] = self.keys[:, source]
-        self.values[:, target] = self.values[:, source]
+        Sequence by sequence: a query then attends to exactly its own keys, with the same shapes
+        whatever else is in the batch, so its result does not depend on the other sequences (a
+        batched, masked product would change in the last bits with their lengths). `positions` must
+        be consecutive within a sequence.
+        """
+        self.keys[layer, rows[:, None], :, positions] = keys.transpose(1, 2)
+        self.values[layer, rows[:, None], :, positions] = values.transpose(1, 2)
+        outputs = []
+        for query, own, row, end in zip(queries, positions, rows.tolist(), (positions[:, -1] + 1).tolist()):
+            mask = None if len(own) == 1 else own[:, None] >= torch.arange(end, device=own.device)
+            outputs.append(F.scaled_dot_product_attention(query, self.keys[layer, row, :, :end],
+                                                          self.values[layer, row, :, :end], attn_mask=mask))
+        return torch.stack(outputs)
 
 
 class Attention(nn.Module):
@@ -95,7 +96,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, layer=None, positions=None):
+    def forward(self, x, cos, sin, cache=None, layer=None, rows=None, positions=None):
         batch, length, width = x.shape
         q, k, v = (proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
@@ -103,8 +104,7 @@ class Attention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            k, v, visible = cache.update(layer, k, v, positions)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+            y = cache.attend(layer, rows, positions, q, k, v)
         return self.o_proj(y.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -129,8 +129,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = FeedForward(config)
 
-    def forward(self, x, cos, sin, cache=None, layer=None, positions=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, positions)
+    def forward(self, x, cos, sin, cache=None, layer=None, rows=None, positions=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, rows, positions)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -208,12 +208,12 @@ class GPT(nn.Module):
                                  f"needs {tuple(expected[name].shape)}")
         self.load_state_dict(weights, strict=True)
 
-    def forward(self, tokens, targets=None, cache=None, positions=None):
+    def forward(self, tokens, targets=None, cache=None, rows=None, positions=None):
         """Logits (B, T, vocab), and the mean loss over targets != IGNORE_INDEX when given.
 
         Without a cache the sequence starts at position 0 with causal attention. With a cache,
-        `positions` (B, T) are the absolute positions of `tokens`, which attend to all cached
-        tokens of their row up to themselves.
+        `tokens` continue the sequences in cache `rows` (B,) at `positions` (B, T), and attend to
+        all cached tokens of their sequence up to themselves.
         """
         if cache is None:
             length = tokens.shape[1]
@@ -222,7 +222,7 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, positions)
+            x = layer(x, cos, sin, cache, i, rows, positions)
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits, None

@@ -95,6 +95,9 @@ def train_bpe(sentences, vocab_size, seed):
     return model.getvalue()
 
 
+ROLE_STRINGS = re.compile(f"({re.escape(USER)}|{re.escape(ASSISTANT)})")
+
+
 class Tokenizer:
     """Text <-> token ids, plus the chat format with its assistant mask."""
 
@@ -141,11 +144,27 @@ class Tokenizer:
 
     def document_prompt(self, text):
         """Ids for continuing `text` as a fresh document (training put <|endoftext|> before each)."""
-        return [END_OF_TEXT_ID] + self.sp.encode(text)
+        return [END_OF_TEXT_ID] + self.encode_text(text)
 
     def chat_prompt(self, turns):
-        """Ids of a conversation so far (user first), ending where the assistant's reply starts."""
-        return self.sp.encode(render_chat(turns) + f"{ASSISTANT if len(turns) % 2 else USER}\n")
+        """Ids of a conversation so far (user first), ending where the assistant's reply starts.
+
+        Role tokens come only from the turn structure: a turn whose text spells `<|assistant|>` gets
+        that text as characters, so no message can forge a turn. Line by line, as `encode_chat`
+        shows to equal encoding the whole rendered text.
+        """
+        ids = []
+        for i, turn in enumerate(turns):
+            ids += self.sp.encode(f"{ASSISTANT if i % 2 else USER}\n") + self.encode_text(f"{turn}\n")
+        return ids + self.sp.encode(f"{ASSISTANT if len(turns) % 2 else USER}\n")
+
+    def encode_text(self, text):
+        """Ids of `text` in which role strings stay characters: each is split after its '<', which
+        keeps sentencepiece from matching it as the role token."""
+        ids = []
+        for i, part in enumerate(ROLE_STRINGS.split(text)):
+            ids += self.sp.encode(part) if i % 2 == 0 else self.sp.encode(part[:1]) + self.sp.encode(part[1:])
+        return ids
 
     def encode_chat(self, turns):
         """Token ids of a rendered dialogue + <|endoftext|>, and a 0/1 mask of assistant reply tokens.

@@ -12,7 +12,10 @@ import os
 import torch
 import uvicorn
 
-from serve.app import MAX_BODY_BYTES, MAX_GENERATION_SECONDS, MAX_QUEUE, create_app
+from model.rowwise_linear import PRECISIONS
+from serve.app import BODY_SECONDS, LOOPBACK_HOSTS, MAX_BODY_BYTES, MAX_GENERATION_SECONDS, MAX_QUEUE, create_app
+from serve.engine import DEFAULT_PRECISION
+from serve.protocol import HEADER_SECONDS, MAX_CONNECTIONS, header_timeout_protocol
 
 
 def is_loopback(host):
@@ -40,10 +43,11 @@ def parse_args(argv=None):
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--models-dir", default="serve/models", help="folder of exported model folders")
-    parser.add_argument("--max-batch", type=int, default=16, help="requests decoded together per model")
-    parser.add_argument("--precision", choices=("int8", "fp32"), default="int8",
-                        help="int8: int8 linear weights, several times faster on CPU (default); "
-                             "fp32: exactly the exported weights")
+    parser.add_argument("--max-batch", type=positive(int), default=16, help="requests decoded together per model")
+    parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
+                        help="int8: int8 linear weights, a quarter of the memory traffic (default); "
+                             "fp32: exactly the exported weights. Either way a request's text does not depend "
+                             "on the requests batched with it")
     parser.add_argument("--threads", type=positive(int), default=1,
                         help="torch threads for decoding (default: 1; decoding a few rows is bound by memory, and "
                              "threads that wait on each other stall whenever another process holds a core)")
@@ -62,11 +66,28 @@ def parse_args(argv=None):
     parser.add_argument("--max-queue", type=positive(int), default=MAX_QUEUE,
                         help="generations waiting for a batch slot per model; beyond, requests get 429 "
                              "(default: %(default)s)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="a Host header name the server answers to, besides the loopback names (repeatable). "
+                             "Default: loopback names only when bound to loopback (a web page cannot reach the "
+                             "server through DNS rebinding); any name when bound to another address")
+    parser.add_argument("--body-seconds", type=positive(float), default=BODY_SECONDS,
+                        help="a request body not received within this time gets 408 (default: %(default)s)")
+    parser.add_argument("--header-seconds", type=positive(float), default=HEADER_SECONDS,
+                        help="a connection that has not sent a request's headers within this time is closed "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-connections", type=positive(int), default=MAX_CONNECTIONS,
+                        help="open connections and requests at once; beyond, new ones get 503 (default: %(default)s)")
     args = parser.parse_args(argv)
     if not is_loopback(args.host) and not args.api_key:
         parser.error(f"--host {args.host} is reachable from other machines: give an API key with --api-key or "
                      f"GPT_SERVE_API_KEY (or bind to 127.0.0.1)")
     return args
+
+
+def allowed_hosts(args):
+    if args.allowed_host:
+        return [*LOOPBACK_HOSTS, *args.allowed_host]
+    return list(LOOPBACK_HOSTS) if is_loopback(args.host) else None
 
 
 def main(argv=None):
@@ -76,8 +97,9 @@ def main(argv=None):
     app = create_app(args.models_dir, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
                      precision=args.precision, api_key=args.api_key, cors_origins=args.cors_origin,
                      max_prompt_tokens=args.max_prompt_tokens, max_generation_seconds=args.max_generation_seconds,
-                     max_queue=args.max_queue)
-    uvicorn.run(app, host=args.host, port=args.port)
+                     max_queue=args.max_queue, allowed_hosts=allowed_hosts(args), body_seconds=args.body_seconds)
+    uvicorn.run(app, host=args.host, port=args.port, limit_concurrency=args.max_connections,
+                timeout_keep_alive=args.header_seconds, http=header_timeout_protocol(args.header_seconds))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
 Models are chosen by name from the listing only; no client input ever becomes a path. Every
 error is a 4xx in OpenAI's error shape naming the offending field, and never carries a trace.
-Facing the internet: an optional API key guards /v1, CORS stays closed unless origins are named,
-and the body size, prompt length, generation time and each model's queue are all bounded.
+Facing the internet: an optional API key guards /v1 and the API docs, CORS stays closed unless
+origins are named, a loopback server answers only to loopback host names (no DNS rebinding), and
+the body size, body read time, prompt length, generation time and each model's queue are all
+bounded.
+
+`create_app` keeps its settings in `app.state`; the routes below read them from there.
 """
 
 import asyncio
@@ -12,40 +16,45 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from model.export import load_export
+from model.generate import Sampling
 from model.tokenizer import Tokenizer, check_same_vocabulary
-from serve.engine import Engine, Sampling
-from serve.schema import (REQUEST_FIELD_NAMES, STREAM_CHUNKS, ChatCompletion, ChatCompletionChunk, ChatRequest,
-                          Completion, CompletionChunk, CompletionRequest, ErrorReply, Health, ModelList, event_stream)
+from serve.engine import DEFAULT_PRECISION, Engine
+from serve.schema import (REQUEST_FIELD_NAMES, STREAM_CHUNKS, ChatChoice, ChatChunkChoice, ChatCompletion,
+                          ChatCompletionChunk, ChatDelta, ChatLogprobs, ChatRequest, Completion, CompletionChoice,
+                          CompletionChunk, CompletionChunkChoice, CompletionLogprobs, CompletionRequest, ErrorReply,
+                          Health, ModelList, ReplyMessage, TokenLogprob, TopLogprob, UnsupportedField, Usage,
+                          event_stream)
 
 log = logging.getLogger("serve")
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 1_000_000
+BODY_SECONDS = 30.0  # to receive a whole request body
 MAX_GENERATION_SECONDS = 120.0
 MAX_QUEUE = 256  # generations waiting for a batch slot, per model
-# Below this, sampling is greedy decoding in all but name, and logits / temperature would overflow to NaN.
-GREEDY_BELOW_TEMPERATURE = 1e-6
-# A top_p under the top token's probability (never under 1 / vocabulary size) keeps that token alone. Raising
-# smaller values to this one changes nothing, and keeps them from rounding to 0 in float32, which drops every token.
-MIN_TOP_P = 1e-6
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 ERROR_MEANINGS = {
     400: "a field is invalid; `param` names it",
-    401: "the API key is missing or wrong",
+    401: "the API key is missing or wrong (only when the server has one)",
     404: "no such model",
+    408: "the request body did not arrive in time",
     413: "the body is over the size limit",
     429: "the model's queue is full; retry later",
     503: "the model is down: its decoding thread stopped on an error (see the server log)",
     "4XX": "any other refusal",
 }
+GENERATION_FAILED = "generating this reply failed on the server (the error is in its log); retry the request"
 
 
 class APIError(Exception):
@@ -55,12 +64,20 @@ class APIError(Exception):
 
 
 def error_body(message, param=None, code=None, kind="invalid_request_error"):
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return ErrorReply(error={"message": message, "type": kind, "param": param, "code": code}).model_dump()
 
 
 def error_responses(*statuses):
     """OpenAPI `responses` for these error statuses; "4XX" also keeps FastAPI from declaring a 422 we never send."""
     return {status: {"model": ErrorReply, "description": ERROR_MEANINGS[status]} for status in (*statuses, "4XX")}
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_key: str | None
+    max_prompt_tokens: int | None
+    max_generation_seconds: float
+    max_queue: int
 
 
 class HostedModel:
@@ -72,6 +89,7 @@ class HostedModel:
         # The tokenizer keeps text as it is (identity normalization), so no token covers more characters than
         # the longest piece: a text longer than limit * this is over the limit before it is tokenized.
         self.max_piece_chars = max(len(self.tokenizer.sp.id_to_piece(i)) for i in range(self.tokenizer.vocab_size))
+        self.vocab_size = self.tokenizer.vocab_size
         self.context_length = model.config.context_length
         self.chat = bool(self.listing.get("chat"))
         self.engine = Engine(model, self.tokenizer, max_batch, precision)
@@ -80,20 +98,43 @@ class HostedModel:
         return {"id": self.name, "object": "model", "created": 0, "owned_by": "dvc-gpt-pipeline",
                 "context_length": self.context_length, **self.listing}
 
+    def token_text(self, token):
+        """(text, UTF-8 bytes) of one token; a byte piece of a longer character is 'bytes:\\xNN', as OpenAI does."""
+        piece = self.tokenizer.sp.id_to_piece(token)
+        if self.tokenizer.sp.is_byte(token):
+            byte = int(piece[3:5], 16)
+            return (chr(byte) if byte < 128 else f"bytes:\\x{byte:02x}"), [byte]
+        text = piece if self.tokenizer.sp.is_control(token) else self.tokenizer.decode([token])
+        return text, list(text.encode("utf-8"))
+
+
+def _linked_out(folder, root):
+    """Why `folder` (under `root`) must not be loaded: it or a file in it links outside `root`, or a link is
+    dangling; None when it is sound."""
+    if not folder.resolve().is_relative_to(root):
+        return f"it links to {folder.resolve()}, outside {root}"
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() and not path.exists():
+            return f"{path.name} is a dangling link"
+        if not path.resolve().is_relative_to(root):
+            return f"{path.name} links to {path.resolve()}, outside {root}"
+    return None
+
 
 def load_models(models_dir, max_batch, precision):
     """Every loadable model folder under `models_dir`; broken ones are reported and skipped.
 
-    A model folder may be a symlink (an alias such as `latest -> base`) only if it resolves inside
-    `models_dir`: the server reads no model from outside the folder it was given.
+    A model folder, or a file in it, may be a symlink (an alias such as `latest -> base`) only if it
+    resolves inside `models_dir`: the server reads no model from outside the folder it was given.
     """
     root = Path(models_dir).resolve()
     hosted = {}
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         if not folder.is_dir() or folder.name.startswith("."):
             continue
-        if not folder.resolve().is_relative_to(root):
-            log.error("skipping model folder %s: it links to %s, outside %s", folder, folder.resolve(), root)
+        problem = _linked_out(folder, root)
+        if problem:
+            log.error("skipping model folder %s: %s", folder, problem)
             continue
         try:
             hosted[folder.name] = HostedModel(folder.name, folder, max_batch, precision)
@@ -105,18 +146,149 @@ def load_models(models_dir, max_batch, precision):
     return hosted
 
 
-def _prompt_ids(hosted, encode, text, chars, field, max_prompt_tokens):
-    """`encode(text)` if the prompt is within the limit; a text of `chars` far over it is refused untokenized."""
+# --- middleware ----------------------------------------------------------------------------------
+
+
+async def _send_error(send, status, message, code=None):
+    body = json.dumps(error_body(message, code=code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestGuard:
+    """Refuses, in OpenAI's error shape and before any route runs: a Host that is not allowed (a web page
+    reaching a loopback server through DNS rebinding), a declared body over the limit (413 before the
+    client is told to continue), a body that grows over the limit, and a body that takes too long."""
+
+    def __init__(self, app, max_bytes, body_seconds, allowed_hosts):
+        self.app, self.max_bytes, self.body_seconds = app, max_bytes, body_seconds
+        self.allowed_hosts = None if allowed_hosts is None else {host.lower() for host in allowed_hosts}
+
+    def _host_allowed(self, headers):
+        if self.allowed_hosts is None:
+            return True
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        name = host[1 : host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0] if ":" in host else host
+        return name in self.allowed_hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if not self._host_allowed(headers):
+            return await _send_error(send, 400, "this server does not answer to that Host header; start it with "
+                                                "--allowed-host NAME to add one", "invalid_host")
+        declared = headers.get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await _send_error(send, 413, f"the request body is over the limit of {self.max_bytes} bytes")
+        received, complete = 0, False
+
+        async def guarded_receive():
+            nonlocal received, complete
+            if complete:  # the body is in: what comes now is a disconnect, which may take any time
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_seconds)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive within {self.body_seconds:g} s") from None
+            received += len(message.get("body", b""))
+            complete = not message.get("more_body", False)
+            if received > self.max_bytes:
+                raise HTTPException(413, f"the request body is over the limit of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, guarded_receive, send)
+
+
+class JSONCORSMiddleware(CORSMiddleware):
+    """CORSMiddleware whose refusals of a preflight come in OpenAI's error shape, as every other error."""
+
+    def preflight_response(self, request_headers):
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        reason = response.body.decode()
+        return JSONResponse(error_body(f"CORS: {reason}", code="cors_refused"), status_code=400)
+
+
+# --- authentication and errors --------------------------------------------------------------------
+
+
+def require_api_key(request: Request,
+                    credentials: HTTPAuthorizationCredentials | None = Depends(HTTPBearer(auto_error=False))):
+    api_key = request.app.state.settings.api_key
+    # compare_digest takes the same time wherever the first wrong byte is, so timing reveals nothing of the key.
+    if api_key and (credentials is None or not hmac.compare_digest(credentials.credentials.encode(),
+                                                                   api_key.encode())):
+        raise APIError(401, "this server needs an API key: send the header `Authorization: Bearer <key>`",
+                       code="invalid_api_key")
+
+
+async def api_error(request, error):
+    return JSONResponse(error_body(error.message, error.param, error.code, error.kind), status_code=error.status)
+
+
+async def validation_error(request, error):
+    # A union field (prompt: string or list) fails once per member; "not a string" about a list is the
+    # least telling, so an error of another kind goes first.
+    first = min(error.errors(), key=lambda detail: detail["type"].endswith("_type"))
+    if first["type"] == "json_invalid":
+        return JSONResponse(error_body("the request body is not valid JSON (UTF-8)"), status_code=400)
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, UnsupportedField):
+        return JSONResponse(error_body(str(cause), cause.field, "unsupported_field"), status_code=400)
+    # Keep field names and list indexes; pydantic also puts union member types ("str") in the path.
+    location = [str(part) for part in first["loc"] if isinstance(part, int) or part in REQUEST_FIELD_NAMES]
+    field = ".".join(location) or None
+    return JSONResponse(error_body(f"{field or 'body'}: {first['msg']}", field), status_code=400)
+
+
+async def http_error(request, error):
+    return JSONResponse(error_body(str(error.detail)), status_code=error.status_code, headers=error.headers)
+
+
+async def unexpected_error(request, error):
+    log.exception("unexpected error")
+    return JSONResponse(error_body("internal error", kind="server_error"), status_code=500)
+
+
+# --- requests -------------------------------------------------------------------------------------
+
+
+def _hosted_model(request, name, chat=False):
+    models = request.app.state.models
+    if name not in models:
+        raise APIError(404, f"model '{name}' does not exist; available: {', '.join(models)}", "model",
+                       "model_not_found")
+    hosted = models[name]
+    if chat and not hosted.chat:
+        raise APIError(400, f"model '{hosted.name}' is a base model; use /v1/completions or a chat model", "model")
+    return hosted
+
+
+def _prompt_limit(hosted, settings):
     # One token at least must fit after the prompt.
-    limit = min(max_prompt_tokens or hosted.context_length, hosted.context_length - 1)
+    return min(settings.max_prompt_tokens or hosted.context_length, hosted.context_length - 1)
+
+
+async def _prompt_ids(hosted, settings, encode, text, chars, field):
+    """`encode(text)`, off the event loop, if the prompt is within the limit; a text of `chars` far over it is
+    refused untokenized."""
+    limit = _prompt_limit(hosted, settings)
     if chars > limit * hosted.max_piece_chars:
         raise APIError(400, f"the prompt is over {limit} tokens; model '{hosted.name}' takes at most {limit}", field,
                        "context_length_exceeded")
-    ids = encode(text)
+    ids = await asyncio.to_thread(encode, text)
+    _check_prompt_length(hosted, settings, ids, field)
+    return ids
+
+
+def _check_prompt_length(hosted, settings, ids, field):
+    limit = _prompt_limit(hosted, settings)
     if len(ids) > limit:
         raise APIError(400, f"the prompt is {len(ids)} tokens; model '{hosted.name}' takes at most {limit}", field,
                        "context_length_exceeded")
-    return ids
 
 
 def _max_tokens(body, hosted, prompt_ids, default):
@@ -128,187 +300,321 @@ def _max_tokens(body, hosted, prompt_ids, default):
     return max_tokens
 
 
-def _sampling(body, max_tokens, stop_ids, max_seconds):
+def _sampling(body, max_tokens, stop_ids):
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    temperature = 0.0 if body.temperature < GREEDY_BELOW_TEMPERATURE else body.temperature
-    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=max(body.top_p, MIN_TOP_P),
-                    top_k=body.top_k, min_tokens=body.min_tokens, stop=tuple(stops), stop_ids=stop_ids,
-                    seed=body.seed, max_seconds=max_seconds)
+    return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                    min_tokens=body.min_tokens, stop_ids=tuple(stop_ids))
 
 
-class BodySizeLimit:
-    """Refuses request bodies over `max_bytes` (413) while they arrive, declared length or not."""
+@dataclass
+class Job:
+    """One prompt of a request: its ids, how to sample, and what the reply repeats of it (echo)."""
 
-    def __init__(self, app, max_bytes):
-        self.app, self.max_bytes = app, max_bytes
+    prompt_ids: list
+    sampling: Sampling
+    echo_text: str = ""
+    echo_ids: tuple = ()
+
+
+async def respond(request, hosted, body, jobs, chat, logprobs):
+    """Submits n generations per job and answers in one JSON body or as server-sent events."""
+    settings = request.app.state.settings
+    if not hosted.engine.alive:  # it died of an error: better a 503 than a reply that never comes
+        raise APIError(503, f"model '{hosted.name}' is down (see the server log)", code="model_down",
+                       kind="server_error")
+    generations = len(jobs) * body.n
+    if hosted.engine.pending() + generations > settings.max_queue:
+        raise APIError(429, f"model '{hosted.name}' has its queue full ({settings.max_queue} generations); retry "
+                            f"later", code="queue_full", kind="rate_limit_error")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    runs = [(job, hosted.engine.submit(job.prompt_ids, job.sampling, body.seed, choice, stop,
+                                       settings.max_generation_seconds, logprobs, bool(job.echo_ids) and
+                                       logprobs is not None))
+            for job in jobs for choice in range(body.n)]
+    reply = Reply(hosted, chat, runs, include_usage=bool(body.stream_options and body.stream_options.include_usage))
+    if body.stream:
+        return GenerationStream([run for _, run in runs], reply.events())
+    collecting = asyncio.ensure_future(reply.collect())
+    client_gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait((collecting, client_gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # All finished, the client gone or this handler cancelled: nothing is left worth generating.
+        collecting.cancel()
+        client_gone.cancel()
+        for _, run in runs:
+            run.cancelled = True
+    if collecting not in done:
+        raise APIError(499, "the client closed the connection before the reply")  # nobody reads it; logged
+    return collecting.result()
+
+
+class Reply:
+    """Builds reply bodies from the schema's classes, so they cannot drift from /openapi.json."""
+
+    def __init__(self, hosted, chat, runs, include_usage):
+        self.hosted, self.chat, self.runs, self.include_usage = hosted, chat, runs, include_usage
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.prompt_tokens = sum(len(job.prompt_ids) for job, _ in runs)
+
+    def _usage(self, completion_tokens):
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=self.prompt_tokens + completion_tokens)
+
+    def _legacy_logprobs(self, entries, start_text=""):
+        """CompletionLogprobs of (token, TokenLogprob or None) pairs; offsets count from the reply text's start."""
+        tokens, offsets, offset = [], [], len(start_text)
+        for token, _ in entries:
+            text, _ = self.hosted.token_text(token)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+        return CompletionLogprobs(
+            tokens=tokens, text_offset=offsets,
+            token_logprobs=[None if entry is None else entry.logprob for _, entry in entries],
+            top_logprobs=[None if entry is None else {self.hosted.token_text(t)[0]: lp for t, lp in entry.top}
+                          for _, entry in entries])
+
+    def _chat_logprobs(self, entries):
+        def top(token, logprob):
+            text, raw = self.hosted.token_text(token)
+            return TopLogprob(token=text, logprob=logprob, bytes=raw)
+
+        return ChatLogprobs(content=[
+            TokenLogprob(**top(entry.token, entry.logprob).model_dump(),
+                         top_logprobs=[top(token, logprob) for token, logprob in entry.top])
+            for entry in entries])
+
+    def _echo_entries(self, job, run):
+        """The prompt's (token, TokenLogprob) pairs, the first without one."""
+        scored = run.prompt_token_logprobs if run.prompt_logprobs else [None] * (len(job.prompt_ids) - 1)
+        return list(zip(job.prompt_ids, [None, *scored]))
+
+    async def collect(self):
+        choices, completion_tokens = [], 0
+        for index, (job, run) in enumerate(self.runs):
+            text, logprobs, event = "", [], None
+            while event is None or event.finish_reason is None:
+                event = await run.events.get()
+                text += event.text
+                logprobs += event.logprobs
+            if event.finish_reason == "error":
+                raise APIError(500, GENERATION_FAILED, code="generation_failed", kind="server_error")
+            completion_tokens += event.completion_tokens
+            if self.chat:
+                choices.append(ChatChoice(index=index, message=ReplyMessage(role="assistant", content=text),
+                                          logprobs=self._chat_logprobs(logprobs) if run.logprobs is not None
+                                          else None, finish_reason=event.finish_reason))
+            else:
+                legacy = None
+                if run.logprobs is not None:
+                    entries = (self._echo_entries(job, run) if job.echo_ids else []) + [
+                        (entry.token, entry) for entry in logprobs]
+                    legacy = self._legacy_logprobs(entries)
+                choices.append(CompletionChoice(index=index, text=job.echo_text + text, logprobs=legacy,
+                                                finish_reason=event.finish_reason))
+        body = (ChatCompletion if self.chat else Completion)(
+            id=self.id, object="chat.completion" if self.chat else "text_completion", created=self.created,
+            model=self.hosted.name, choices=choices, usage=self._usage(completion_tokens))
+        return body.model_dump(exclude_none=self.chat)
+
+    def _chunk(self, choices, usage=None):
+        kind, chunk = (("chat.completion.chunk", ChatCompletionChunk) if self.chat
+                       else ("text_completion", CompletionChunk))
+        body = chunk(id=self.id, object=kind, created=self.created, model=self.hosted.name, choices=choices,
+                     usage=usage)
+        return f"data: {body.model_dump_json(exclude_none=self.chat)}\n\n"
+
+    def _chunk_choice(self, index, job, run, event, first):
+        if self.chat:
+            delta = ChatDelta(role="assistant" if first else None, content=event.text if first or event.text
+                              else None)
+            logprobs = self._chat_logprobs(event.logprobs) if run.logprobs is not None else None
+            return ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=event.finish_reason)
+        text, entries = event.text, [(entry.token, entry) for entry in event.logprobs]
+        if first and job.echo_ids:
+            text, entries = job.echo_text + text, self._echo_entries(job, run) + entries
+        logprobs = self._legacy_logprobs(entries) if run.logprobs is not None else None
+        return CompletionChunkChoice(index=index, text=text, logprobs=logprobs, finish_reason=event.finish_reason)
+
+    async def events(self):
+        """Server-sent events, one chunk per piece of text, ending with `data: [DONE]`."""
+        runs = self.runs
+        pending = {asyncio.ensure_future(run.events.get()): index for index, (_, run) in enumerate(runs)}
+        started, completion_tokens = set(), {}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    index = pending.pop(future)
+                    event = future.result()
+                    if event.finish_reason == "error":
+                        failed = error_body(GENERATION_FAILED, code="generation_failed", kind="server_error")
+                        yield f"data: {json.dumps(failed)}\n\n"
+                        return
+                    job, run = runs[index]
+                    yield self._chunk([self._chunk_choice(index, job, run, event, index not in started)])
+                    started.add(index)
+                    completion_tokens[index] = event.completion_tokens
+                    if event.finish_reason is None:
+                        pending[asyncio.ensure_future(run.events.get())] = index
+            if self.include_usage:
+                yield self._chunk([], self._usage(sum(completion_tokens.values())))
+            yield "data: [DONE]\n\n"
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+async def _disconnected(request):
+    """Returns when the client has gone: its body is read already, so a disconnect is all that can arrive."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class GenerationStream(StreamingResponse):
+    """Server-sent events of running generations, which are stopped whenever the response ends: finished,
+    or cut short because the client left (Starlette then cancels the sending), even before the first chunk."""
+
+    def __init__(self, requests, events):
+        super().__init__(events, media_type="text/event-stream")
+        self.requests = requests
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes or (declared.isdigit() and int(declared) > self.max_bytes):
-                raise HTTPException(413, f"the request body is over the limit of {self.max_bytes} bytes")
-            return message
-
-        await self.app(scope, limited_receive, send)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for request in self.requests:
+                request.cancelled = True
 
 
-def create_app(models_dir, max_batch=16, max_body_bytes=MAX_BODY_BYTES, precision="fp32", api_key=None,
+# --- routes ---------------------------------------------------------------------------------------
+
+pages = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+docs = APIRouter(dependencies=[Depends(require_api_key)], include_in_schema=False)
+GENERATION_ERRORS = error_responses(400, 401, 404, 408, 413, 429, 503)
+
+
+@pages.get("/health", response_model=Health, responses={503: {"model": Health, "description": "a model is down"}})
+async def health(request: Request):
+    models = request.app.state.models
+    serving = [name for name, hosted in models.items() if hosted.engine.alive]
+    if len(serving) < len(models):
+        return JSONResponse(Health(status="error", models=serving).model_dump(), status_code=503)
+    return Health(status="ok", models=serving)
+
+
+@pages.get("/", include_in_schema=False)
+async def web_ui():
+    return FileResponse(STATIC / "index.html")
+
+
+@docs.get("/openapi.json")
+async def openapi_schema(request: Request):
+    return JSONResponse(request.app.openapi())
+
+
+@docs.get("/docs")
+async def swagger_ui(request: Request):
+    return get_swagger_ui_html(openapi_url="/openapi.json", title=request.app.title)
+
+
+@docs.get("/redoc")
+async def redoc(request: Request):
+    return get_redoc_html(openapi_url="/openapi.json", title=request.app.title)
+
+
+@v1.get("/models", response_model=ModelList, responses=error_responses(401))
+async def list_models(request: Request):
+    return {"object": "list", "data": [hosted.card() for hosted in request.app.state.models.values()]}
+
+
+@v1.post("/completions", response_model=Completion, response_model_exclude_none=False, responses={
+    200: {"content": event_stream(CompletionChunk), "description": "with `stream`, server-sent events"},
+    **GENERATION_ERRORS})
+async def completions(body: CompletionRequest, request: Request):
+    hosted = _hosted_model(request, body.model)
+    settings = request.app.state.settings
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens 0 generates nothing; it is for scoring a prompt, with echo", "max_tokens")
+    if isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int)):
+        prompts = [body.prompt]
+    else:
+        prompts = body.prompt
+    jobs = []
+    for index, prompt in enumerate(prompts):
+        field = "prompt" if len(prompts) == 1 else f"prompt.{index}"
+        if isinstance(prompt, str):
+            ids = await _prompt_ids(hosted, settings, hosted.tokenizer.document_prompt, prompt, len(prompt), field)
+        else:
+            ids = list(prompt)
+            if max(ids) >= hosted.vocab_size:
+                raise APIError(400, f"token id {max(ids)} is not in model '{hosted.name}''s vocabulary of "
+                                    f"{hosted.vocab_size}", field)
+            _check_prompt_length(hosted, settings, ids, field)
+        sampling = _sampling(body, _max_tokens(body, hosted, ids, 16), hosted.tokenizer.document_end_ids)
+        echo_text = hosted.tokenizer.decode(ids) if body.echo else ""
+        jobs.append(Job(ids, sampling, echo_text, tuple(ids) if body.echo else ()))
+    return await respond(request, hosted, body, jobs, False, body.logprobs)
+
+
+@v1.post("/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True, responses={
+    200: {"content": event_stream(ChatCompletionChunk), "description": "with `stream`, server-sent events"},
+    **GENERATION_ERRORS})
+async def chat_completions(body: ChatRequest, request: Request):
+    hosted = _hosted_model(request, body.model, chat=True)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    for i, message in enumerate(body.messages):
+        if message.role == "system":
+            # The training format has no system role; dropping it would answer a conversation the client did
+            # not send.
+            raise APIError(400, "this model was trained without system messages; send the instruction in the "
+                                "first user message", f"messages.{i}.role")
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message.role != expected:
+            raise APIError(400, f"messages must alternate user / assistant starting with user and end with a user "
+                                f"message; message {i} is '{message.role}'", "messages")
+    if body.messages[-1].role != "user":
+        raise APIError(400, "the last message must be from the user", "messages")
+    texts = [message.content for message in body.messages]
+    ids = await _prompt_ids(hosted, request.app.state.settings, hosted.tokenizer.chat_prompt, texts,
+                            sum(map(len, texts)), "messages")
+    if body.max_tokens == 0:
+        raise APIError(400, "max_tokens 0 generates nothing", "max_tokens")
+    sampling = _sampling(body, _max_tokens(body, hosted, ids, hosted.context_length), hosted.tokenizer.reply_end_ids)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return await respond(request, hosted, body, [Job(ids, sampling)], True, logprobs)
+
+
+# --- the app --------------------------------------------------------------------------------------
+
+
+def create_app(models_dir, max_batch=16, max_body_bytes=MAX_BODY_BYTES, precision=DEFAULT_PRECISION, api_key=None,
                cors_origins=(), max_prompt_tokens=None, max_generation_seconds=MAX_GENERATION_SECONDS,
-               max_queue=MAX_QUEUE):
-    """`precision`: fp32 (exactly the exported model) or int8 (int8 linear weights, faster on CPUs).
-    `api_key`: when given, required as `Authorization: Bearer <key>` on /v1. `cors_origins`: origins whose
-    pages may call the API (none by default). `max_prompt_tokens`: None is each model's context.
-    `max_queue`: generations that may wait for a batch slot, per model."""
-    app = FastAPI(title="GPT pipeline server", version="1.0")
+               max_queue=MAX_QUEUE, allowed_hosts=LOOPBACK_HOSTS, body_seconds=BODY_SECONDS):
+    """`precision`: int8 (int8 linear weights, faster on CPUs) or fp32 (exactly the exported weights).
+    `api_key`: when given, required as `Authorization: Bearer <key>` on /v1 and the API docs. `cors_origins`:
+    origins whose pages may call the API (none by default). `max_prompt_tokens`: None is each model's context.
+    `max_queue`: generations that may wait for a batch slot, per model. `allowed_hosts`: the Host header names
+    answered (None: any). `body_seconds`: time a client has to send its whole request body."""
+    app = FastAPI(title="GPT pipeline server", version="1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models = load_models(models_dir, max_batch, precision)
-    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.state.settings = Settings(api_key, max_prompt_tokens, max_generation_seconds, max_queue)
+    app.add_middleware(RequestGuard, max_bytes=max_body_bytes, body_seconds=body_seconds, allowed_hosts=allowed_hosts)
     if cors_origins:
         # Added last, so outermost: refusals (401, 413) carry the CORS headers too and the page can read them.
-        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+        app.add_middleware(JSONCORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-
-    @app.exception_handler(APIError)
-    async def api_error(request, error):
-        return JSONResponse(error_body(error.message, error.param, error.code, error.kind), status_code=error.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, error):
-        # A union field (prompt: string or list) fails once per member; "not a string" about a list is the
-        # least telling, so an error of another kind goes first.
-        first = min(error.errors(), key=lambda detail: detail["type"].endswith("_type"))
-        if first["type"] == "json_invalid":
-            return JSONResponse(error_body("the request body is not valid JSON (UTF-8)"), status_code=400)
-        # Keep field names and list indexes; pydantic also puts union member types ("str") in the path.
-        location = [str(part) for part in first["loc"] if isinstance(part, int) or part in REQUEST_FIELD_NAMES]
-        field = ".".join(location) or None
-        return JSONResponse(error_body(f"{field or 'body'}: {first['msg']}", field), status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, error):
-        return JSONResponse(error_body(str(error.detail)), status_code=error.status_code, headers=error.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected_error(request, error):
-        log.exception("unexpected error")
-        return JSONResponse(error_body("internal error", kind="server_error"), status_code=500)
-
-    def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(HTTPBearer(auto_error=False))):
-        # compare_digest takes the same time wherever the first wrong byte is, so timing reveals nothing of the key.
-        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), api_key.encode()):
-            raise APIError(401, "this server needs an API key: send the header `Authorization: Bearer <key>`",
-                           code="invalid_api_key")
-
-    auth_errors = (401,) if api_key else ()
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)] if api_key else [])
-
-    def hosted_model(name):
-        if name not in app.state.models:
-            raise APIError(404, f"model '{name}' does not exist; available: {', '.join(app.state.models)}",
-                           "model", "model_not_found")
-        return app.state.models[name]
-
-    async def respond(hosted, body, jobs, chat, http_request):
-        """Submits n generations per prompt and answers in one JSON body or as server-sent events."""
-        if not hosted.engine.thread.is_alive():  # it died of an error: better a 503 than a reply that never comes
-            raise APIError(503, f"model '{hosted.name}' is down (see the server log)", code="model_down",
-                           kind="server_error")
-        generations = len(jobs) * body.n
-        if hosted.engine.waiting.qsize() + generations > max_queue:
-            raise APIError(429, f"model '{hosted.name}' has its queue full ({max_queue} generations); retry later",
-                           code="queue_full", kind="rate_limit_error")
-        requests = []
-        for ids, sampling in jobs:
-            for choice in range(body.n):
-                seed = None if sampling.seed is None else sampling.seed + choice
-                requests.append(hosted.engine.submit(ids, Sampling(**{**sampling.__dict__, "seed": seed})))
-        kind = "chat.completion" if chat else "text_completion"
-        reply_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        if body.stream:
-            return GenerationStream(requests, _stream(requests, hosted.name, reply_id, created, kind, chat))
-        collecting = asyncio.ensure_future(_collect(requests, chat))
-        client_gone = asyncio.ensure_future(_disconnected(http_request))
-        try:
-            done, _ = await asyncio.wait((collecting, client_gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            # All finished, the client gone or this handler cancelled: nothing is left worth generating.
-            collecting.cancel()
-            client_gone.cancel()
-            for request in requests:
-                request.cancelled = True
-        if collecting not in done:
-            raise APIError(499, "the client closed the connection before the reply")  # nobody reads it; logged
-        choices, completion_tokens = collecting.result()
-        prompt_tokens = sum(len(ids) for ids, _ in jobs) * body.n
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        return {"id": reply_id, "object": kind, "created": created, "model": hosted.name, "choices": choices,
-                "usage": usage}
-
-    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "a model is down"}})
-    async def health():
-        serving = [name for name, hosted in app.state.models.items() if hosted.engine.thread.is_alive()]
-        if len(serving) < len(app.state.models):
-            return JSONResponse({"status": "error", "models": serving}, status_code=503)
-        return {"status": "ok", "models": serving}
-
-    @app.get("/", include_in_schema=False)
-    async def web_ui():
-        return FileResponse(STATIC / "index.html")
-
-    @v1.get("/models", response_model=ModelList, responses=error_responses(*auth_errors))
-    async def list_models():
-        return {"object": "list", "data": [hosted.card() for hosted in app.state.models.values()]}
-
-    @v1.post("/completions", response_model=Completion, responses={
-        200: {"content": event_stream(CompletionChunk), "description": "with `stream`, server-sent events"},
-        **error_responses(400, *auth_errors, 404, 413, 429, 503)})
-    async def completions(body: CompletionRequest, http_request: Request):
-        hosted = hosted_model(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        jobs = []
-        for prompt in prompts:
-            ids = _prompt_ids(hosted, hosted.tokenizer.document_prompt, prompt, len(prompt), "prompt",
-                              max_prompt_tokens)
-            sampling = _sampling(body, _max_tokens(body, hosted, ids, 16), hosted.tokenizer.document_end_ids,
-                                 max_generation_seconds)
-            jobs.append((ids, sampling))
-        return await respond(hosted, body, jobs, False, http_request)
-
-    @v1.post("/chat/completions", response_model=ChatCompletion, responses={
-        200: {"content": event_stream(ChatCompletionChunk), "description": "with `stream`, server-sent events"},
-        **error_responses(400, *auth_errors, 404, 413, 429, 503)})
-    async def chat_completions(body: ChatRequest, http_request: Request):
-        hosted = hosted_model(body.model)
-        if not hosted.chat:
-            raise APIError(400, f"model '{hosted.name}' is a base model; use /v1/completions or a chat model",
-                           "model")
-        # The training format has no system role: system messages are dropped.
-        turns = [message for message in body.messages if message.role != "system"]
-        for i, message in enumerate(turns):
-            expected = "user" if i % 2 == 0 else "assistant"
-            if message.role != expected:
-                raise APIError(400, f"messages must alternate user / assistant starting with user and end with "
-                                    f"a user message; message {i} is '{message.role}'", "messages")
-        if not turns or turns[-1].role != "user":
-            raise APIError(400, "the last message must be from the user", "messages")
-        texts = [message.content for message in turns]
-        ids = _prompt_ids(hosted, hosted.tokenizer.chat_prompt, texts, sum(map(len, texts)), "messages",
-                          max_prompt_tokens)
-        sampling = _sampling(body, _max_tokens(body, hosted, ids, hosted.context_length),
-                             hosted.tokenizer.reply_end_ids, max_generation_seconds)
-        return await respond(hosted, body, [(ids, sampling)], True, http_request)
-
-    app.include_router(v1)
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected_error)
+    for router in (pages, docs, v1):
+        app.include_router(router)
     _complete_openapi_schema(app)
     return app
 
@@ -331,78 +637,3 @@ def _complete_openapi_schema(app):
         return app.openapi_schema
 
     app.openapi = complete_schema
-
-
-GENERATION_FAILED = "generating this reply failed on the server (the error is in its log); retry the request"
-
-
-async def _collect(requests, chat):
-    """(choices, completion tokens) once every generation has finished."""
-    choices, completion_tokens = [], 0
-    for index, request in enumerate(requests):
-        text, event = "", None
-        while event is None or event.finish_reason is None:
-            event = await request.events.get()
-            text += event.text
-        if event.finish_reason == "error":
-            raise APIError(500, GENERATION_FAILED, code="generation_failed", kind="server_error")
-        completion_tokens += event.completion_tokens
-        message = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
-        choices.append({"index": index, "finish_reason": event.finish_reason, **message})
-    return choices, completion_tokens
-
-
-async def _disconnected(http_request):
-    """Returns when the client has gone: its body is read already, so a disconnect is all that can arrive."""
-    while (await http_request.receive())["type"] != "http.disconnect":
-        pass
-
-
-class GenerationStream(StreamingResponse):
-    """Server-sent events of running generations, which are stopped whenever the response ends: finished,
-    or cut short because the client left (Starlette then cancels the sending), even before the first chunk."""
-
-    def __init__(self, requests, events):
-        super().__init__(events, media_type="text/event-stream")
-        self.requests = requests
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            for request in self.requests:
-                request.cancelled = True
-
-
-async def _stream(requests, model_name, reply_id, created, kind, chat):
-    """Server-sent events, one chunk per piece of text, ending with `data: [DONE]`."""
-
-    def chunk(index, text, finish_reason, first=False):
-        if chat:
-            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
-        else:
-            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        body = {"id": reply_id, "object": f"{kind}.chunk" if chat else kind, "created": created, "model": model_name,
-                "choices": [choice]}
-        return f"data: {json.dumps(body)}\n\n"
-
-    pending = {asyncio.ensure_future(request.events.get()): index for index, request in enumerate(requests)}
-    started = set()
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for future in done:
-                index = pending.pop(future)
-                event = future.result()
-                if event.finish_reason == "error":
-                    yield f"data: {json.dumps(error_body(GENERATION_FAILED, code='generation_failed', kind='server_error'))}\n\n"
-                    return
-                yield chunk(index, event.text, event.finish_reason, first=index not in started)
-                started.add(index)
-                if event.finish_reason is None:
-                    pending[asyncio.ensure_future(requests[index].events.get())] = index
-        yield "data: [DONE]\n\n"
-    finally:
-        for future in pending:
-            future.cancel()

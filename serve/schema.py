@@ -6,14 +6,17 @@ Types are strict ("1" is not a number) and unknown fields are ignored, as OpenAI
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 MAX_TOKENS = 4096  # bound of max_tokens and min_tokens; each model's context bounds them further
 MAX_PROMPTS = 16  # prompts in one completion request (each runs n times)
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 64
 MAX_MODEL_NAME_CHARS = 256
-SEED_RANGE = (-(2**63), 2**63 - 1)  # int64; torch's manual_seed takes up to 2**64 - 1, room for seed + choice
+MAX_MESSAGES = 256
+MAX_LOGPROBS = 5  # completions' top alternatives per token, as OpenAI bounds it
+MAX_TOP_LOGPROBS = 20  # chat's
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, as OpenAI documents; all 64 bits count (model/generate.py)
 
 
 def _valid_unicode(text):
@@ -38,11 +41,38 @@ class RequestBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
+# OpenAI fields this server does not implement, with the values that ask for nothing (client libraries send
+# some of them by default). Any other value is refused with a 400 naming the field, never silently ignored.
+NEUTRAL_VALUES = {
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "repetition_penalty": (None, 1),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, False),
+    "response_format": (None, {"type": "text"}),
+    "prediction": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
+
+
+class StreamOptions(RequestBody):
+    include_usage: bool = Field(False, description="a last chunk, with no choices, carries the usage")
+
+
 class GenerationFields(RequestBody):
     """Sampling fields common to both endpoints."""
 
     model: _text(max_length=MAX_MODEL_NAME_CHARS)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS, description="0 only with `echo`: score the prompt")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
@@ -51,10 +81,38 @@ class GenerationFields(RequestBody):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     n: int = Field(1, ge=1, le=8)
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, description="accepted and ignored (an end-user id for abuse tracking)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        if isinstance(data, dict):
+            for name, neutral in NEUTRAL_VALUES.items():
+                if name in data and data[name] not in neutral:
+                    raise UnsupportedField(name, neutral)
+        return data
+
+
+class UnsupportedField(ValueError):
+    def __init__(self, name, neutral):
+        values = " or ".join("null" if value is None else repr(value) for value in neutral)
+        super().__init__(f"{name}: this server does not implement it; send it as {values}, or leave it out")
+        self.field = name
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class CompletionRequest(GenerationFields):
-    prompt: _text(min_length=1) | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
+    prompt: (_text(min_length=1) | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]) = Field(
+        ..., description="text, texts, token ids (taken as they are: no <|endoftext|> is put before them), or "
+                         "lists of token ids")
+    echo: bool = Field(False, description="the reply text (and logprobs) start with the prompt")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+        "log-probabilities of the chosen tokens and of this many most likely alternatives, under the model's "
+        "own distribution (before temperature, top-k and top-p)"))
 
 
 class Message(RequestBody):
@@ -63,10 +121,15 @@ class Message(RequestBody):
 
 
 class ChatRequest(GenerationFields):
-    messages: list[Message] = Field(..., min_length=1)
+    messages: list[Message] = Field(..., min_length=1, max_length=MAX_MESSAGES)
+    logprobs: bool = Field(False, description="log-probabilities of the reply's tokens, under the model's own "
+                                              "distribution (before temperature, top-k and top-p)")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="this many most likely alternatives per token; needs `logprobs`")
 
 
-REQUEST_FIELD_NAMES = set(CompletionRequest.model_fields) | set(ChatRequest.model_fields) | set(Message.model_fields)
+REQUEST_FIELD_NAMES = (set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)
+                       | set(Message.model_fields) | set(NEUTRAL_VALUES) | set(StreamOptions.model_fields))
 
 
 class ErrorDetail(BaseModel):
@@ -91,10 +154,19 @@ class Usage(BaseModel):
 FinishReason = Literal["stop", "length"]
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions format, one entry per token (the prompt's first token has no logprob)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason
 
 
@@ -112,9 +184,24 @@ class ReplyMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ReplyMessage
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -154,7 +241,7 @@ class Health(BaseModel):
 class CompletionChunkChoice(BaseModel):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -164,6 +251,7 @@ class CompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[CompletionChunkChoice]
+    usage: Usage | None = Field(None, description="with stream_options.include_usage, in the last chunk only")
 
 
 class ChatDelta(BaseModel):
@@ -174,6 +262,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -183,6 +272,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(None, description="with stream_options.include_usage, in the last chunk only")
 
 
 STREAM_CHUNKS = (CompletionChunk, ChatCompletionChunk)

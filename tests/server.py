@@ -6,12 +6,18 @@ import time
 import uvicorn
 
 from serve.app import create_app
+from serve.protocol import HEADER_SECONDS, MAX_CONNECTIONS, header_timeout_protocol
 
 
 class RunningServer:
-    def __init__(self, models_dir, **options):
+    """The app as `python -m serve` runs it: uvicorn with the same protocol and limits (header_seconds and
+    max_connections are the command's --header-seconds and --max-connections)."""
+
+    def __init__(self, models_dir, header_seconds=HEADER_SECONDS, max_connections=MAX_CONNECTIONS, **options):
         self.app = create_app(models_dir, **options)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning")
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
+                                http=header_timeout_protocol(header_seconds), timeout_keep_alive=header_seconds,
+                                limit_concurrency=max_connections)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

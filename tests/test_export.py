@@ -7,7 +7,7 @@ import torch
 
 from model.dialog import render_chat
 from model.export import export_model, load_export
-from model.generate import generate
+from model.generate import Sampling, generate
 from tests.tiny import make_model, make_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -44,7 +44,7 @@ def test_transformers_greedy_continuation_equals_ours(exported, tied):
     model, folder = models[tied]
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     prompt = tokenizer.document_prompt("The capital of France is")
-    ours = generate(model, prompt, 32, temperature=0.0)
+    ours = generate(model, prompt, Sampling(32, temperature=0.0))
     with torch.no_grad():
         theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
                              min_new_tokens=32)

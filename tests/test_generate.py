@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.generate import generate, logits_to_probs, sample
+from model.generate import Sampling, Sequence, generate, logits_to_probs, next_tokens, random_stream
 from model.gpt import KVCache
+from model.rowwise_linear import PRECISIONS, RowwiseLinear, rowwise_model
 from tests.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,111 +57,128 @@ def prompt(length, seed=4):
 # --- the KV cache --------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def uncached_greedy(model, prompt_ids, max_tokens):
+    """The slow reference: every step runs the whole sequence again, no cache."""
+    tokens = list(prompt_ids)
+    for _ in range(max_tokens):
+        logits, _ = model(torch.tensor([tokens]))
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(prompt_ids) :]
+
+
+def greedy(max_tokens, **fields):
+    return Sampling(max_tokens, temperature=0.0, **fields)
+
+
 def test_cached_greedy_generation_equals_uncached_on_a_random_model():
     model = random_model(seed=5)
     ids = prompt(5)
-    cached = generate(model, ids, 24, temperature=0.0)
+    cached = generate(model, ids, greedy(24))
     assert len(cached) == 24
-    assert cached == generate(model, ids, 24, temperature=0.0, use_cache=False)
+    assert cached == uncached_greedy(model, ids, 24)
 
 
 def test_cached_greedy_generation_equals_uncached_on_a_trained_model(trained_model):
     ids = prompt(4, seed=6)
-    cached = generate(trained_model, ids, 25, temperature=0.0)
+    cached = generate(trained_model, ids, greedy(25))
     assert len(cached) == 25
-    assert cached == generate(trained_model, ids, 25, temperature=0.0, use_cache=False)
+    assert cached == uncached_greedy(trained_model, ids, 25)
 
 
 def test_generation_stops_at_the_context_end(trained_model):
     ids = prompt(CONTEXT - 3)
-    assert len(generate(trained_model, ids, 100)) == 3
+    assert len(generate(trained_model, ids, Sampling(100))) == 3
     with pytest.raises(ValueError, match="context"):
-        generate(trained_model, prompt(CONTEXT), 5)
+        generate(trained_model, prompt(CONTEXT), Sampling(5))
 
 
-def test_cached_logits_equal_full_forward_logits(trained_model):
+def decode(model, cache, row, tokens, start):
+    """Logits (T, vocab) of `tokens` continuing cache `row` from position `start`."""
+    logits, _ = model(torch.tensor([tokens]), cache=cache, rows=torch.tensor([row]),
+                      positions=torch.arange(start, start + len(tokens))[None])
+    return logits[0]
+
+
+def test_cached_logits_in_chunks_equal_full_forward_logits(trained_model):
     model = trained_model
-    sequence = torch.tensor([prompt(CONTEXT, seed=7)])
+    sequence = prompt(CONTEXT, seed=7)
     with torch.no_grad():
-        full, _ = model(sequence)
+        full, _ = model(torch.tensor([sequence]))
         cache = KVCache(model.config, 1, CONTEXT)
-        prefill = 6
-        step_logits = [model(sequence[:, :prefill], cache=cache, positions=torch.arange(prefill)[None])[0]]
-        for t in range(prefill, CONTEXT):
-            step_logits.append(model(sequence[:, t : t + 1], cache=cache, positions=torch.tensor([[t]]))[0])
-    cached = torch.cat(step_logits, dim=1)
-    assert cached.shape == full.shape
-    torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
-
-
-def test_batch_rows_at_different_lengths_match_each_row_run_alone(trained_model):
-    """Row 0 has a 9-token prompt, row 1 a 4-token one padded to 9; then both decode at their own positions."""
-    model = trained_model
-    rows = [prompt(9, seed=8) + prompt(6, seed=9), prompt(4, seed=10) + prompt(6, seed=11)]
-    prompt_lengths = [9, 4]
-    with torch.no_grad():
-        alone = [model(torch.tensor([row]))[0][0] for row in rows]
-        cache = KVCache(model.config, 2, CONTEXT)
-        padded = torch.tensor([rows[0][:9], rows[1][:4] + [0] * 5])
-        logits, _ = model(padded, cache=cache, positions=torch.arange(9).expand(2, 9))
-        torch.testing.assert_close(logits[0], alone[0][:9], rtol=0, atol=1e-5)
-        torch.testing.assert_close(logits[1, :4], alone[1][:4], rtol=0, atol=1e-5)
-        for step in range(6):
-            positions = torch.tensor([[length + step] for length in prompt_lengths])
-            inputs = torch.tensor([[rows[b][int(positions[b, 0])]] for b in range(2)])
-            logits, _ = model(inputs, cache=cache, positions=positions)
-            for b in range(2):
-                torch.testing.assert_close(logits[b, 0], alone[b][int(positions[b, 0])], rtol=0, atol=1e-5)
+        chunks = [decode(model, cache, 0, sequence[:6], 0), decode(model, cache, 0, sequence[6:13], 6)]
+        chunks += [decode(model, cache, 0, sequence[t : t + 1], t) for t in range(13, CONTEXT)]
+    torch.testing.assert_close(torch.cat(chunks), full[0], rtol=0, atol=1e-5)
 
 
 def test_rows_prefilled_one_at_a_time_then_decoded_together_match_each_row_alone(trained_model):
-    """The server's way: prefill each prompt alone into a free cache row, then decode all rows in one batch."""
+    """The server's way: prefill each prompt alone into its cache row (rows 2, 0, 1: any free row),
+    then decode all rows in one batch at their own positions."""
     model = trained_model
     rows = [prompt(3, seed=30) + prompt(8, seed=31), prompt(7, seed=32) + prompt(8, seed=33),
             prompt(5, seed=34) + prompt(8, seed=35)]
-    prompt_lengths = [3, 7, 5]
+    prompt_lengths, cache_rows = [3, 7, 5], [2, 0, 1]
     with torch.no_grad():
         alone = [model(torch.tensor([row]))[0][0] for row in rows]
         cache = KVCache(model.config, 3, CONTEXT)
         for b, length in enumerate(prompt_lengths):
-            cache.first_row = b
-            logits, _ = model(torch.tensor([rows[b][:length]]), cache=cache, positions=torch.arange(length)[None])
-            torch.testing.assert_close(logits[0], alone[b][:length], rtol=0, atol=1e-5)
-        cache.first_row = 0
+            logits = decode(model, cache, cache_rows[b], rows[b][:length], 0)
+            torch.testing.assert_close(logits, alone[b][:length], rtol=0, atol=1e-5)
         for step in range(8):
             positions = torch.tensor([[length + step] for length in prompt_lengths])
             inputs = torch.tensor([[rows[b][length + step]] for b, length in enumerate(prompt_lengths)])
-            logits, _ = model(inputs, cache=cache, positions=positions)
+            logits, _ = model(inputs, cache=cache, rows=torch.tensor(cache_rows), positions=positions)
             for b, length in enumerate(prompt_lengths):
                 torch.testing.assert_close(logits[b, 0], alone[b][length + step], rtol=0, atol=1e-5)
 
 
-def test_a_moved_cache_row_continues_its_sequence(trained_model):
+def test_a_cache_row_ignores_what_other_rows_hold(trained_model):
     model = trained_model
-    row = prompt(12, seed=36)
+    sequence = prompt(10, seed=12)
     with torch.no_grad():
-        alone, _ = model(torch.tensor([row]))
+        full, _ = model(torch.tensor([sequence]))
         cache = KVCache(model.config, 3, CONTEXT)
-        cache.first_row = 2
-        model(torch.tensor([row[:8]]), cache=cache, positions=torch.arange(8)[None])
-        cache.move_row(2, 0)
-        cache.first_row = 0
-        for t in range(8, 12):
-            logits, _ = model(torch.tensor([[row[t]]]), cache=cache, positions=torch.tensor([[t]]))
-            torch.testing.assert_close(logits[0, 0], alone[0, t], rtol=0, atol=1e-5)
+        cache.keys.fill_(3.0)
+        cache.values.fill_(-3.0)
+        logits = decode(model, cache, 1, sequence, 0)
+    torch.testing.assert_close(logits, full[0], rtol=0, atol=1e-5)
 
 
-def test_cache_rows_of_a_smaller_batch_are_independent_of_later_rows(trained_model):
-    """A cache sized for 3 rows serves a batch of 2; the unused row does not leak into them."""
-    model = trained_model
-    sequence = torch.tensor([prompt(10, seed=12), prompt(10, seed=13)])
+# --- batch invariance: a row's results never depend on the other rows --------------------------------
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_rowwise_linear_rows_are_bitwise_the_same_in_any_batch(precision):
+    torch.manual_seed(24)
+    for out_features, in_features in ((37, 20), (64, 256), (8, 13)):  # widths that are and are not multiples of 8
+        layer = torch.nn.Linear(in_features, out_features, bias=False)
+        rowwise = RowwiseLinear(layer.weight, precision)
+        inputs = torch.randn(11, in_features)
+        alone = [rowwise(inputs[i : i + 1])[0] for i in range(11)]
+        for start, size in ((0, 11), (3, 5), (2, 4), (7, 2)):
+            batch = rowwise(inputs[start : start + size])
+            for i in range(size):
+                assert torch.equal(batch[i], alone[start + i])
+        tolerance = 1e-5 if precision == "fp32" else 0.02 * float(layer.weight.detach().abs().max()) * in_features ** 0.5
+        torch.testing.assert_close(rowwise(inputs), layer(inputs), rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_decoded_logits_of_a_row_are_bitwise_the_same_alone_and_batched(trained_model, precision):
+    model = rowwise_model(trained_model, precision)
+    sequences = [prompt(length, seed=40 + length) for length in (5, 9, 3, 12, 7)]
     with torch.no_grad():
-        full, _ = model(sequence)
-        cache = KVCache(model.config, 3, CONTEXT)
-        cache.keys[:, 2].fill_(3.0)
-        cache.values[:, 2].fill_(-3.0)
-        logits, _ = model(sequence, cache=cache, positions=torch.arange(10).expand(2, 10))
-    torch.testing.assert_close(logits, full, rtol=0, atol=1e-5)
+        cache = KVCache(model.config, 5, CONTEXT)
+        for row, sequence in enumerate(sequences):
+            decode(model, cache, row, sequence[:-1], 0)
+        alone = [decode(model, cache, row, sequence[-1:], len(sequence) - 1)[0]
+                 for row, sequence in enumerate(sequences)]
+        for batch in ([0, 1, 2, 3, 4], [3, 1], [4, 0, 2]):
+            logits, _ = model(torch.tensor([sequences[row][-1:] for row in batch]), cache=cache,
+                              rows=torch.tensor(batch), positions=torch.tensor([[len(sequences[row]) - 1]
+                                                                                for row in batch]))
+            for b, row in enumerate(batch):
+                assert torch.equal(logits[b, 0], alone[row])
 
 
 # --- sampling ------------------------------------------------------------------------------------
@@ -170,21 +188,28 @@ def random_logits(rows=64, vocab=50, seed=14, scale=3.0):
     return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-def test_temperature_zero_is_argmax():
+def sample(logits, sampling, seed=None):
+    """next_tokens for rows that all sample with `sampling`, each with its own stream."""
+    sequences = [Sequence([0], sampling, random_stream(seed, choice)) for choice in range(logits.shape[0])]
+    return torch.tensor(next_tokens(logits, sequences))
+
+
+def test_temperature_zero_and_temperatures_below_the_greedy_threshold_are_argmax():
     logits = random_logits()
-    assert torch.equal(sample(logits, 0.0), logits.argmax(dim=-1))
+    for temperature in (0.0, 1e-9):
+        assert torch.equal(sample(logits, Sampling(1, temperature)), logits.argmax(dim=-1))
 
 
 def test_top_k_one_equals_greedy():
     logits = random_logits()
-    generator = torch.Generator().manual_seed(15)
-    for _ in range(5):
-        assert torch.equal(sample(logits, 1.5, top_k=1, generator=generator), logits.argmax(dim=-1))
+    for seed in range(5):
+        assert torch.equal(sample(logits, Sampling(1, 1.5, top_k=1), seed), logits.argmax(dim=-1))
 
 
 def test_top_k_one_generation_equals_greedy_generation(trained_model):
     ids = prompt(5, seed=16)
-    assert generate(trained_model, ids, 20, temperature=1.0, top_k=1, seed=3) == generate(trained_model, ids, 20)
+    assert generate(trained_model, ids, Sampling(20, 1.0, top_k=1), seed=3) == generate(trained_model, ids,
+                                                                                        greedy(20))
 
 
 def test_top_k_keeps_only_the_k_largest_logits():
@@ -223,22 +248,42 @@ def test_temperature_sharpens_and_flattens_the_distribution():
 def test_same_seed_gives_the_same_sampled_output():
     model = random_model(seed=18)
     ids = prompt(3, seed=19)
-    first = generate(model, ids, 20, temperature=1.0, seed=42)
-    assert first == generate(model, ids, 20, temperature=1.0, seed=42)
+    first = generate(model, ids, Sampling(20), seed=42)
+    assert first == generate(model, ids, Sampling(20), seed=42)
 
 
-def test_different_seeds_give_different_sampled_outputs():
+def test_every_bit_of_a_64_bit_seed_counts():
     # A random model is close to uniform over 256 tokens: 20 draws coincide with negligible probability.
     model = random_model(seed=18)
     ids = prompt(3, seed=19)
-    assert generate(model, ids, 20, temperature=1.0, seed=42) != generate(model, ids, 20, temperature=1.0, seed=43)
+    texts = {tuple(generate(model, ids, Sampling(20), seed=seed)) for seed in (0, 1, 2**32, 2**63 - 1, -(2**63), -1)}
+    assert len(texts) == 6
+
+
+def test_the_choices_of_a_seeded_request_differ_and_choice_0_is_the_single_choice():
+    streams = [random_stream(7, choice).random(4).tolist() for choice in range(3)]
+    assert len({tuple(stream) for stream in streams}) == 3
+    assert random_stream(7).random(4).tolist() == streams[0]
 
 
 def test_sampling_follows_the_distribution():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).expand(20000, 4)
-    draws = sample(logits, 1.0, generator=torch.Generator().manual_seed(20))
+    draws = sample(logits, Sampling(1), seed=20)
     frequencies = torch.bincount(draws, minlength=4).float() / len(draws)
     torch.testing.assert_close(frequencies, torch.softmax(logits[0], -1), rtol=0, atol=0.015)
+
+
+@pytest.mark.parametrize("sampling", [Sampling(1, 0.8, top_p=0.9), Sampling(1, 1.3, top_k=40, top_p=0.5),
+                                      Sampling(1, 0.0)])
+def test_a_rows_token_does_not_depend_on_the_rows_sampled_beside_it(sampling):
+    """Peaked rows (a narrow nucleus) and flat ones (a nucleus wider than the candidates), alone and together."""
+    logits = torch.cat([random_logits(rows=4, vocab=400, seed=25, scale=8.0),
+                        random_logits(rows=4, vocab=400, seed=26, scale=0.01)])
+    for seed in range(10):
+        together = next_tokens(logits, [Sequence([0], sampling, random_stream(seed, row)) for row in range(8)])
+        alone = [next_tokens(logits[row : row + 1], [Sequence([0], sampling, random_stream(seed, row))])[0]
+                 for row in range(8)]
+        assert together == alone
 
 
 def stop_loving_model(stop_id):
@@ -251,12 +296,12 @@ def stop_loving_model(stop_id):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_min_new_tokens_suppresses_the_stop_id(temperature):
+def test_min_tokens_suppresses_the_stop_id(temperature):
     stop_id = 7
     model = stop_loving_model(stop_id)
     ids = prompt(4, seed=22)
-    assert generate(model, ids, 20, temperature=temperature, stop_ids=(stop_id,)) == [stop_id]
-    out = generate(model, ids, 20, temperature=temperature, stop_ids=(stop_id,), min_new_tokens=6)
+    assert generate(model, ids, Sampling(20, temperature, stop_ids=(stop_id,))) == [stop_id]
+    out = generate(model, ids, Sampling(20, temperature, min_tokens=6, stop_ids=(stop_id,)))
     assert len(out) == 7
     assert stop_id not in out[:6]
     assert out[6] == stop_id

@@ -1,9 +1,11 @@
 """The server speaks the OpenAI API: driven with the official `openai` client and raw HTTP."""
 
+import asyncio
 import json
 
 import httpx
 import pytest
+import torch
 
 from serve.app import create_app
 from tests.server import RunningServer
@@ -13,13 +15,18 @@ openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def models_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     tokenizer_path, tokenizer = make_tokenizer(folder)
     make_exports(folder / "models", tokenizer_path, tokenizer.vocab_size)
     (folder / "models" / "broken").mkdir()
     (folder / "models" / "broken" / "config.json").write_text("{not json")
-    with RunningServer(folder / "models") as running:
+    return folder / "models"
+
+
+@pytest.fixture(scope="module")
+def server(models_dir):
+    with RunningServer(models_dir) as running:
         yield running
 
 
@@ -66,6 +73,40 @@ def test_same_seed_same_output_and_different_seeds_differ(client):
 
     assert sample(7) == sample(7)
     assert len({sample(seed) for seed in range(4)}) > 1
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_a_request_gives_the_same_text_alone_and_batched_with_others(models_dir, precision):
+    """The README's promise, as a user meets it: a seeded sampled request and a greedy one, sent alone,
+    then again while six longer generations (other prompts, lengths and settings) decode beside them."""
+    targets = [{"model": "base", "prompt": "Once upon a time", "max_tokens": 40, "min_tokens": 40,
+                "temperature": 1.0, "top_p": 0.9, "seed": 2**40 + 3},
+               {"model": "base", "prompt": "The river", "max_tokens": 40, "min_tokens": 40, "temperature": 0}]
+    others = [{"model": "base", "prompt": "word " * (2 + 3 * i), "max_tokens": 90, "min_tokens": 90,
+               "temperature": 0.5 + i / 4, "seed": i} for i in range(6)]
+
+    async def texts(client, bodies):
+        replies = await asyncio.gather(*(client.post("/v1/completions", json=body) for body in bodies))
+        assert [reply.status_code for reply in replies] == [200] * len(bodies)
+        return [reply.json()["choices"][0]["text"] for reply in replies]
+
+    async def run(server):
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            alone = [await texts(client, [body]) for body in targets]
+            engine = server.app.state.models["base"].engine
+            background = asyncio.ensure_future(texts(client, others))
+            while engine.in_flight() < len(others):
+                assert not background.done(), background.result()
+                await asyncio.sleep(0.01)
+            batched = await texts(client, targets)
+            assert engine.in_flight() >= len(others), "the other generations should still be decoding"
+            await background
+            return [text for [text] in alone], batched
+
+    with RunningServer(models_dir, precision=precision) as server:
+        alone, batched = asyncio.run(run(server))
+    assert alone == batched
+    assert all(alone)
 
 
 def test_n_and_prompt_list_give_one_choice_each(client):
@@ -171,3 +212,122 @@ def test_a_failing_generation_step_ends_its_request_and_the_model_keeps_serving(
     assert "injected" not in failed.text
     served = post(server, "/v1/completions", json.dumps({"model": "base", "prompt": "Hi", "max_tokens": 4}))
     assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 4
+
+
+# --- the fields evaluation tools rely on ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_model(models_dir):
+    from model.export import load_export
+    from model.tokenizer import Tokenizer
+
+    model, _ = load_export(models_dir / "base")
+    return model, Tokenizer(models_dir / "base" / "tokenizer.model")
+
+
+def model_logprobs(model, ids):
+    """log p(ids[i] | ids[:i]) for i >= 1, and the log-probabilities at each position, straight from the model."""
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids]))
+    logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+    return [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))], logprobs
+
+
+def test_completion_logprobs_are_the_models_own(server, base_model):
+    model, tokenizer = base_model
+    body = {"model": "base", "prompt": "The river", "max_tokens": 6, "min_tokens": 6, "temperature": 0, "logprobs": 3}
+    reply = post(server, "/v1/completions", json.dumps(body)).json()["choices"][0]
+    logprobs = reply["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 6
+    assert "".join(logprobs["tokens"]) == reply["text"]
+    assert logprobs["text_offset"][0] == 0
+    prompt_ids = tokenizer.document_prompt("The river")
+    generated = tokenizer.encode_text(reply["text"])
+    expected, _ = model_logprobs(model, prompt_ids + generated)
+    # int8 weights (the default) move log-probabilities a little; greedy picks each position's top token.
+    assert logprobs["token_logprobs"] == pytest.approx(expected[len(prompt_ids) - 1 :], abs=0.05)
+    for token, chosen, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
+        assert len(top) == 3 and max(top, key=top.get) == token and top[token] == chosen
+
+
+def test_the_harness_loglikelihood_request_scores_continuations_like_the_model(server, base_model):
+    """lm-evaluation-harness's `local-completions` scores (context, continuation) pairs with one request:
+    token-id prompts, echo, max_tokens 1, logprobs 1, temperature 0; it reads token_logprobs and top_logprobs
+    from the context's end (dropping the generated token). Here on a tiny task: which continuation is likelier."""
+    model, tokenizer = base_model
+    task = [("The capital of France is", " Paris"), ("The capital of France is", " a river"),
+            ("Once upon a time", " there was")]
+    pairs = [(tokenizer.document_prompt(context), tokenizer.encode_text(continuation)) for context, continuation
+             in task]
+    body = {"model": "base", "prompt": [context + continuation for context, continuation in pairs],
+            "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True, "seed": 1234}
+    reply = post(server, "/v1/completions", json.dumps(body))
+    assert reply.status_code == 200, reply.text
+    choices = sorted(reply.json()["choices"], key=lambda choice: choice["index"])
+    for (context, continuation), choice in zip(pairs, choices):
+        logprobs = choice["logprobs"]
+        assert len(logprobs["tokens"]) == len(context) + len(continuation) + 1  # the prompt, then one new token
+        assert logprobs["token_logprobs"][0] is None
+        scored = logprobs["token_logprobs"][len(context) : -1]
+        tops = logprobs["top_logprobs"][len(context) : -1]
+        expected, position_logprobs = model_logprobs(model, context + continuation)
+        assert sum(scored) == pytest.approx(sum(expected[len(context) - 1 :]), abs=0.1)
+        model_greedy = all(int(position_logprobs[len(context) - 1 + i].argmax()) == token
+                           for i, token in enumerate(continuation))
+        reply_greedy = all(max(top, key=top.get) == token for top, token in
+                           zip(tops, logprobs["tokens"][len(context) : -1]))
+        assert reply_greedy == model_greedy
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_only(server):
+    body = {"model": "base", "prompt": "A quiet river", "max_tokens": 0, "echo": True, "logprobs": 0}
+    reply = post(server, "/v1/completions", json.dumps(body)).json()
+    choice = reply["choices"][0]
+    assert choice["text"] == "A quiet river" and reply["usage"]["completion_tokens"] == 0
+    assert choice["logprobs"]["token_logprobs"][0] is None
+    assert all(value < 0 for value in choice["logprobs"]["token_logprobs"][1:])
+    refused = post(server, "/v1/completions", json.dumps({**body, "echo": False}))
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+
+
+def test_chat_logprobs_come_in_the_chat_format(client):
+    reply = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                           temperature=0, logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == reply.choices[0].message.content
+    for entry in content:
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob == entry.logprob
+        assert bytes(entry.bytes).decode("utf-8", "replace")
+
+
+def test_stream_options_include_usage_ends_with_a_usage_chunk(client):
+    chunks = list(client.completions.create(model="base", prompt="Rivers", max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"min_tokens": 5}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+
+
+@pytest.mark.parametrize("field, value", [("best_of", 3), ("suffix", "end"), ("logit_bias", {"5": 10}),
+                                          ("frequency_penalty", 0.5), ("presence_penalty", -1),
+                                          ("response_format", {"type": "json_object"})])
+def test_fields_we_do_not_implement_are_refused_by_name(server, field, value):
+    response = post(server, "/v1/completions", json.dumps({"model": "base", "prompt": "x", field: value}))
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == field and field in response.json()["error"]["message"]
+
+
+def test_neutral_values_of_unimplemented_fields_are_accepted(server):
+    body = {"model": "base", "prompt": "x", "max_tokens": 2, "best_of": 1, "logit_bias": {}, "frequency_penalty": 0,
+            "presence_penalty": 0.0, "suffix": None, "user": "someone"}
+    assert post(server, "/v1/completions", json.dumps(body)).status_code == 200
+    chat = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "tools": [],
+            "response_format": {"type": "text"}, "parallel_tool_calls": False}
+    assert post(server, "/v1/chat/completions", json.dumps(chat)).status_code == 200
+
+
+def test_a_system_message_is_refused_not_dropped(server):
+    body = {"model": "chat", "messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Hi"}]}
+    response = post(server, "/v1/chat/completions", json.dumps(body))
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages.0.role"

@@ -35,7 +35,7 @@ def api_schema(tmp_path_factory):
     make_exports(folder / "models", tokenizer_path, tokenizer.vocab_size)
     # The time limit keeps the largest valid requests (16 prompts, n = 8, whole context) quick.
     with RunningServer(folder / "models", api_key=API_KEY, max_generation_seconds=0.5) as server:
-        yield schemathesis.openapi.from_url(server.url + "/openapi.json")
+        yield schemathesis.openapi.from_url(server.url + "/openapi.json", headers=AUTHORIZATION)  # behind the key too
 
 
 def test_the_fuzzed_operations_are_all_the_schema_has(api_schema):

@@ -4,6 +4,7 @@ mid-generation, and model names that never become paths. Real server (uvicorn, l
 import hmac
 import json
 import shutil
+import socket
 import threading
 import time
 
@@ -163,7 +164,7 @@ def test_a_prompt_over_max_prompt_tokens_is_refused_naming_the_field(limited_ser
                          "prompt", "context_length_exceeded")
     assert "at most 16" in error["message"]
     assert_error(httpx.post(url + "/v1/completions", json={**COMPLETION, "prompt": ["Hi", long_text]}), 400,
-                 "prompt", "context_length_exceeded")
+                 "prompt.1", "context_length_exceeded")
     messages = [{"role": "user", "content": long_text}]
     assert_error(httpx.post(url + "/v1/chat/completions", json={**CHAT, "messages": messages}), 400,
                  "messages", "context_length_exceeded")
@@ -227,11 +228,11 @@ def test_a_full_queue_gets_429_and_frees_up_when_its_requests_go(models_dir):
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as response:
             events = data_lines(response)  # (dropping this iterator would close the connection)
             next(events)
-            assert engine.waiting.qsize() == 7  # one generation decodes (max_batch 1), seven wait
+            assert engine.pending() == 7  # one generation decodes (max_batch 1), seven wait
             assert_error(httpx.post(server.url + "/v1/completions", json={**COMPLETION, "n": 2}), 429,
                          code="queue_full")
-        # The stream closed: its generations are cancelled, and dropped from the queue.
-        wait_until(lambda: engine.waiting.empty() and not engine.active)
+        # The stream closed: its generations are cancelled, and no longer count against the queue.
+        wait_until(lambda: engine.pending() == 0 and not engine.in_flight())
         assert httpx.post(server.url + "/v1/completions", json={**COMPLETION, "n": 2}).status_code == 200
 
 
@@ -240,11 +241,10 @@ def test_a_model_whose_decoding_thread_died_answers_503_and_fails_health(models_
     with RunningServer(models_dir) as server:
         engine = server.app.state.models["chat"].engine
         # A failing step is survived (test_serve.py); what the step handler cannot catch ends the thread.
-        # The idle thread looked up _admit before it blocked, so the first item only wakes it up.
-        engine._admit = lambda request: (_ for _ in ()).throw(SystemExit("injected: the decoding thread ends"))
-        engine.waiting.put(None)
-        engine.waiting.put(None)
-        wait_until(lambda: not engine.thread.is_alive())
+        engine._admit = lambda: (_ for _ in ()).throw(SystemExit("injected: the decoding thread ends"))
+        with pytest.raises(httpx.ReadTimeout):  # nobody is left to answer it
+            httpx.post(server.url + "/v1/chat/completions", json=CHAT, timeout=httpx.Timeout(10, read=0.5))
+        wait_until(lambda: not engine.alive)
         health = httpx.get(server.url + "/health")
         assert health.status_code == 503 and health.json() == {"status": "error", "models": ["base"]}
         assert_error(httpx.post(server.url + "/v1/chat/completions", json=CHAT), 503, code="model_down")
@@ -254,20 +254,30 @@ def test_a_model_whose_decoding_thread_died_answers_503_and_fails_health(models_
 # Clients that leave
 
 
-def test_a_client_that_leaves_mid_stream_stops_its_generation(open_server):
+def recorded_submissions(engine, monkeypatch):
+    """The engine's Requests, as they are submitted."""
+    submitted, submit = [], engine.submit
+    monkeypatch.setattr(engine, "submit", lambda *args, **kwargs: submitted.append(submit(*args, **kwargs))
+                        or submitted[-1])
+    return submitted
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_generation(open_server, monkeypatch):
     engine = open_server.app.state.models["base"].engine
+    submitted = recorded_submissions(engine, monkeypatch)
     body = {**COMPLETION, "max_tokens": LONG, "min_tokens": LONG, "stream": True}
     with httpx.stream("POST", open_server.url + "/v1/completions", json=body, timeout=30) as response:
         events = data_lines(response)
         next(events), next(events)
-        generation = engine.active[0]
+        generation = submitted[0]
     # Leaving the block closed the connection after two chunks.
-    wait_until(lambda: not engine.active, 2)
+    wait_until(lambda: not engine.in_flight(), 2)
     assert generation.finish_reason == "cancelled" and len(generation.new_ids) < LONG
 
 
-def test_a_client_that_leaves_before_the_reply_stops_its_generation(open_server):
+def test_a_client_that_leaves_before_the_reply_stops_its_generation(open_server, monkeypatch):
     engine = open_server.app.state.models["base"].engine
+    submitted = recorded_submissions(engine, monkeypatch)
     body = {**COMPLETION, "max_tokens": LONG, "min_tokens": LONG}
     outcome = []
 
@@ -279,10 +289,10 @@ def test_a_client_that_leaves_before_the_reply_stops_its_generation(open_server)
 
     client = threading.Thread(target=impatient_client)
     client.start()
-    generation = wait_until(lambda: engine.active and engine.active[0])
+    generation = wait_until(lambda: submitted and submitted[0])
     client.join()
     assert outcome, "the client should have timed out"
-    wait_until(lambda: not engine.active, 2)
+    wait_until(lambda: not engine.in_flight(), 2)
     assert generation.finish_reason == "cancelled" and len(generation.new_ids) < LONG
 
 
@@ -349,3 +359,135 @@ def test_the_web_ui_sends_the_api_key_it_keeps(keyed_server, tmp_path):
         assert browser.find_element(By.ID, "api-key").get_attribute("value") == KEY
     finally:
         browser.quit()
+
+
+# Hostile and careless clients
+
+
+def raw_exchange(server, data, wait=2.0):
+    """Sends raw bytes on a fresh connection; returns what the server sent back within `wait` seconds and
+    whether it closed the connection."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait) as connection:
+        connection.sendall(data)
+        received = b""
+        try:
+            while chunk := connection.recv(65536):
+                received += chunk
+        except socket.timeout:
+            return received, False
+        return received, True
+
+
+def test_a_connection_that_sends_no_request_head_is_closed(models_dir):
+    with RunningServer(models_dir, header_seconds=0.5) as server:
+        for data in (b"", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"):  # nothing; half a head
+            started = time.monotonic()
+            received, closed = raw_exchange(server, data, wait=3)
+            assert closed and received == b"" and time.monotonic() - started < 2.5
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408(models_dir):
+    with RunningServer(models_dir, body_seconds=0.5) as server:
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        received, _ = raw_exchange(server, head + b"Content-Length: 100\r\n\r\n{\"model\":", wait=3)
+        assert received.startswith(b"HTTP/1.1 408") and b'"error"' in received
+
+
+def test_a_body_declared_over_the_limit_gets_413_before_it_is_sent(open_server):
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: 5000000\r\n\r\n")
+    received, _ = raw_exchange(open_server, head, wait=2)
+    assert received.startswith(b"HTTP/1.1 413") and b"100 Continue" not in received
+    assert json.loads(received.split(b"\r\n\r\n", 1)[1])["error"]["message"]
+
+
+def test_connections_over_the_limit_are_refused(models_dir):
+    with RunningServer(models_dir, max_connections=3) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(3)]
+        try:
+            time.sleep(0.2)
+            assert httpx.get(server.url + "/health").status_code == 503
+        finally:
+            for connection in idle:
+                connection.close()
+        wait_until(lambda: httpx.get(server.url + "/health").status_code == 200)
+
+
+def test_a_malformed_request_gets_a_json_error(open_server):
+    received, closed = raw_exchange(open_server, b"NOT HTTP AT ALL\r\n\r\n")
+    assert received.startswith(b"HTTP/1.1 400") and closed
+    assert json.loads(received.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "invalid_http"
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "127.0.0.1.evil.example", "[::2]:8080"])
+def test_a_loopback_server_answers_only_to_loopback_host_names(open_server, host):
+    response = httpx.get(open_server.url + "/v1/models", headers={"Host": host})
+    assert_error(response, 400, code="invalid_host")
+    redirect = httpx.get(open_server.url + "/v1/models/", headers={"Host": host})
+    assert "evil" not in redirect.headers.get("location", "")
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:8080", "127.0.0.1:1234", "[::1]:8080"])
+def test_loopback_host_names_are_answered(open_server, host):
+    assert httpx.get(open_server.url + "/v1/models", headers={"Host": host}).status_code == 200
+
+
+def test_allowed_hosts_come_from_the_command_line():
+    from serve.__main__ import allowed_hosts
+
+    assert allowed_hosts(parse_args([])) == ["localhost", "127.0.0.1", "::1"]
+    assert "api.example.org" in allowed_hosts(parse_args(["--allowed-host", "api.example.org"]))
+    assert allowed_hosts(parse_args(["--host", "0.0.0.0", "--api-key", KEY])) is None
+
+
+@pytest.mark.parametrize("path", ["/openapi.json", "/docs", "/redoc"])
+def test_the_api_docs_need_the_key_when_there_is_one(keyed_server, open_server, path):
+    assert_error(httpx.get(keyed_server.url + path), 401, code="invalid_api_key")
+    assert httpx.get(keyed_server.url + path, headers=AUTHORIZED).status_code == 200
+    assert httpx.get(open_server.url + path).status_code == 200
+
+
+def test_a_refused_cors_preflight_is_a_json_error(models_dir):
+    with RunningServer(models_dir, api_key=KEY, cors_origins=["https://good.example"]) as server:
+        response = httpx.options(server.url + "/v1/models", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+        assert_error(response, 400, code="cors_refused")
+
+
+def test_thousands_of_messages_are_refused_before_any_tokenizing(open_server, monkeypatch):
+    hosted = open_server.app.state.models["chat"]
+    monkeypatch.setattr(hosted.tokenizer, "chat_prompt", lambda turns: pytest.fail("tokenized"))
+    body = {"model": "chat", "messages": [{"role": "user", "content": ""}] * 28001}
+    assert_error(httpx.post(open_server.url + "/v1/chat/completions", json=body), 400, "messages")
+
+
+def test_prompts_are_tokenized_off_the_event_loop(open_server, monkeypatch):
+    hosted = open_server.app.state.models["chat"]
+    encode, threads = hosted.tokenizer.chat_prompt, []
+    monkeypatch.setattr(hosted.tokenizer, "chat_prompt",
+                        lambda turns: threads.append(threading.current_thread()) or encode(turns))
+    assert httpx.post(open_server.url + "/v1/chat/completions", json=CHAT).status_code == 200
+    assert threads and threads[0] is not threading.main_thread() and "asyncio" in threads[0].name
+
+
+@pytest.mark.parametrize("flag", [["--max-batch", "0"], ["--max-batch", "-1"], ["--max-connections", "0"],
+                                  ["--header-seconds", "nan"], ["--body-seconds", "-1"]])
+def test_bad_flags_are_refused_naming_them(flag, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(flag)
+    assert flag[0] in capsys.readouterr().err
+
+
+def test_model_files_that_link_out_of_the_models_dir_or_nowhere_are_not_loaded(models_dir, tmp_path, caplog):
+    root = tmp_path / "models"
+    for name in ("base", "linked", "dangling"):
+        shutil.copytree(models_dir / "base", root / name)
+    outside = tmp_path / "outside.safetensors"
+    shutil.move(root / "linked" / "model.safetensors", outside)
+    (root / "linked" / "model.safetensors").symlink_to(outside)
+    (root / "dangling" / "extra.json").symlink_to(tmp_path / "missing.json")
+    with RunningServer(root) as server:
+        assert httpx.get(server.url + "/health").json()["models"] == ["base"]
+    assert "linked" in caplog.text and "outside" in caplog.text and "dangling" in caplog.text

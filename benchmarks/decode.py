@@ -1,0 +1,140 @@
+"""Decoding speed in process, one stream: our decode path against two references, in the same run.
+
+usage (from the repository root): .venv/bin/python -m benchmarks.decode [--tokens 128] [--threads 1 2]
+
+The ryangpt shape (random weights: speed does not depend on them), batch 1, greedy, --tokens new
+tokens after an 8-token prompt, for each torch thread count:
+- ours: `model.generate.generate` on the server's model (model/rowwise_linear.py), fp32 and int8;
+- plain: a Llama-style loop written the plain way, as a reference should be: the same weights through
+  F.linear, a preallocated KV cache per layer, no attention mask on one-token steps;
+- Hugging Face `generate` (transformers) on the exported folder, fp32, greedy.
+Implementations alternate, three runs each; the table gives the median and the range. Writes the
+section "## Decoding (in process)" of BENCHMARKS.md.
+"""
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.report import machine_line, write_section
+from benchmarks.serve_load import PROMPT, build_export
+from model.export import load_export
+from model.generate import Sampling, generate
+from model.rowwise_linear import rowwise_model
+
+COMMAND = ".venv/bin/python -m benchmarks.decode"
+REPEATS = 3
+
+
+@torch.inference_mode()
+def plain_greedy(model, prompt_ids, tokens):
+    """The reference: greedy decoding with one preallocated (1, H, context, D) cache per layer."""
+    config = model.config
+    shape = (1, config.n_heads, config.context_length, config.head_dim)
+    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in model.layers]
+    ids = torch.tensor([prompt_ids])
+    position, out = 0, []
+    for _ in range(tokens):
+        length = ids.shape[1]
+        cos, sin = model.rope_cos[position : position + length], model.rope_sin[position : position + length]
+        x = model.embed(ids)
+        for block, (keys, values) in zip(model.layers, caches):
+            attn = block.attn
+            h = F.rms_norm(x, (config.d_model,), block.attn_norm.weight, config.norm_eps)
+            q, k, v = (F.linear(h, proj.weight).view(1, length, config.n_heads, config.head_dim).transpose(1, 2)
+                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            keys[:, :, position : position + length] = k
+            values[:, :, position : position + length] = v
+            end = position + length
+            y = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], is_causal=length > 1)
+            x = x + F.linear(y.transpose(1, 2).reshape(1, length, config.d_model), attn.o_proj.weight)
+            h = F.rms_norm(x, (config.d_model,), block.mlp_norm.weight, config.norm_eps)
+            mlp = block.mlp
+            x = x + F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
+                             mlp.down_proj.weight)
+        x = F.rms_norm(x[:, -1:], (config.d_model,), model.norm.weight, config.norm_eps)
+        next_id = F.linear(x, model.lm_head.weight).argmax(dim=-1)
+        out.append(int(next_id))
+        position += length
+        ids = next_id
+    return out
+
+
+def rotate(x, cos, sin):
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+def timed(run, tokens):
+    start = time.perf_counter()
+    out = run()
+    elapsed = time.perf_counter() - start
+    assert len(out) == tokens, f"generated {len(out)} tokens, not {tokens}"
+    return tokens / elapsed, out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, tokenizer = build_export(Path(tmp))
+        model, _ = load_export(folder)
+        hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+        prompt = tokenizer.document_prompt(PROMPT)
+        greedy = Sampling(args.tokens, temperature=0.0)
+        ours = {precision: rowwise_model(model, precision) for precision in ("fp32", "int8")}
+        runs = {
+            "ours, fp32": lambda: generate(ours["fp32"], prompt, greedy),
+            "ours, int8": lambda: generate(ours["int8"], prompt, greedy),
+            "plain reference, fp32": lambda: plain_greedy(model, prompt, args.tokens),
+            "Hugging Face generate, fp32": lambda: hf.generate(
+                torch.tensor([prompt]), max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                eos_token_id=None, pad_token_id=0)[0, len(prompt) :].tolist(),
+        }
+        speeds, texts = {}, {}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                for run in runs.values():
+                    run()  # warm-up
+                for _ in range(REPEATS):
+                    for name, run in runs.items():
+                        speed, texts[name] = timed(run, args.tokens)
+                        speeds.setdefault((threads, name), []).append(speed)
+    agree = texts["ours, fp32"] == texts["plain reference, fp32"] == texts["Hugging Face generate, fp32"]
+    lines = [
+        f"Command: `{COMMAND} --tokens {args.tokens} --threads {' '.join(map(str, args.threads))}`. {machine_line()} "
+        f"Nothing else ran.",
+        "",
+        f"The ryangpt shape (20.1M parameters, random weights), one stream, greedy, {args.tokens} new tokens after an "
+        f"{len(prompt)}-token prompt, in process. Median (min to max) of {REPEATS} runs, implementations alternating. "
+        f"The three fp32 implementations {'gave the same tokens' if agree else 'did NOT give the same tokens'}.",
+        "",
+        "| torch threads | implementation | tokens/s | vs plain reference | vs `generate` |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for threads in args.threads:
+        plain = statistics.median(speeds[(threads, "plain reference, fp32")])
+        hf_speed = statistics.median(speeds[(threads, "Hugging Face generate, fp32")])
+        for name in runs:
+            values = speeds[(threads, name)]
+            median = statistics.median(values)
+            lines.append(f"| {threads} | {name} | {median:.0f} ({min(values):.0f} to {max(values):.0f}) | "
+                         f"{median / plain:.2f}x | {median / hf_speed:.2f}x |")
+    report = "\n".join(lines)
+    print(report)
+    write_section("## Decoding (in process)", report)
+
+
+if __name__ == "__main__":
+    main()

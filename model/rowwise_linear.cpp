@@ -1,0 +1,101 @@
+// y = x @ w.T (times a per-output scale for int8 weights), computed so that each output element
+// depends only on its own row of x: every element sums its products in one order, fixed by K alone
+// (8 lanes of every 8th product, then a fixed tree), whatever the number of rows or how they are
+// tiled. BLAS libraries pick kernels by the number of rows, so a row's last bits there depend on the
+// rows computed beside it, and sampled text on the requests batched with it.
+// Built with -ffp-contract=off, so the compiler fuses no a * b + c on its own: multiply_add decides, the
+// same way in every tile shape.
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX2__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+typedef float f8 __attribute__((vector_size(32)));
+typedef int8_t i8x8 __attribute__((vector_size(8)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+static inline f8 load(const float* p) {
+    f8 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline f8 load(const int8_t* p) {
+#ifdef __AVX2__  // the generic conversion below compiles to one byte at a time
+    __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return reinterpret_cast<f8>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
+#else
+    i8x8 v;
+    std::memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(__builtin_convertvector(v, i32x8), f8);
+#endif
+}
+
+// a * b + c, rounded once where the CPU has FMA (then everywhere in this file), else twice.
+static inline f8 multiply_add(f8 a, f8 b, f8 c) {
+#ifdef __FMA__
+    return reinterpret_cast<f8>(_mm256_fmadd_ps(reinterpret_cast<__m256>(a), reinterpret_cast<__m256>(b),
+                                                reinterpret_cast<__m256>(c)));
+#else
+    return a * b + c;
+#endif
+}
+
+static inline float multiply_add(float a, float b, float c) {
+#ifdef __FMA__
+    return __builtin_fmaf(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+// ROWS rows of x against COLS rows of w: each weight load serves ROWS rows.
+template <typename W, int ROWS, int COLS>
+static inline void tile(const float* x, const W* w, int64_t K, float* y, int64_t N) {
+    f8 acc[ROWS][COLS] = {};
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        f8 weights[COLS];
+        for (int c = 0; c < COLS; c++) weights[c] = load(w + c * K + k);
+        for (int r = 0; r < ROWS; r++) {
+            f8 inputs = load(x + r * K + k);
+            for (int c = 0; c < COLS; c++) acc[r][c] = multiply_add(inputs, weights[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < COLS; c++) {
+            f8 a = acc[r][c];
+            for (int lane = 0; k + lane < K; lane++)
+                a[lane] = multiply_add(x[r * K + k + lane], static_cast<float>(w[c * K + k + lane]), a[lane]);
+            y[r * N + c] = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+        }
+}
+
+template <typename W>
+static void linear(const float* x, const W* w, float* y, int64_t B, int64_t K, int64_t N, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n += 4) {
+        if (n + 4 <= N) {
+            int64_t b = 0;
+            for (; b + 4 <= B; b += 4) tile<W, 4, 4>(x + b * K, w + n * K, K, y + b * N + n, N);
+            for (; b < B; b++) tile<W, 1, 4>(x + b * K, w + n * K, K, y + b * N + n, N);
+        } else {
+            for (int64_t c = n; c < N; c++)
+                for (int64_t b = 0; b < B; b++) tile<W, 1, 1>(x + b * K, w + c * K, K, y + b * N + c, N);
+        }
+    }
+}
+
+// The weight's arguments come first, so that Python can bind them once per layer.
+extern "C" void linear_f32(const float* w, int64_t N, int64_t K, const float* x, float* y, int64_t B,
+                           int threads) {
+    linear<float>(x, w, y, B, K, N, threads);
+}
+
+extern "C" void linear_i8(const int8_t* w, const float* scale, int64_t N, int64_t K, const float* x, float* y,
+                          int64_t B, int threads) {
+    linear<int8_t>(x, w, y, B, K, N, threads);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t n = 0; n < N; n++) y[b * N + n] *= scale[n];
+}

@@ -1,0 +1,127 @@
+"""Linear layers whose every output row depends on its own input row only (model/rowwise_linear.cpp).
+
+The server decodes many requests in one batch. With BLAS matrix products a row's results change in
+their last bits with the number of rows beside it (the library picks its kernel by shape), which is
+enough to change a sampled token now and then: the same seeded request would not give the same text
+alone and under load. The kernel here fixes the order of every sum by the input width alone, so a
+row's output is bit for bit the same in a batch of any size, at either precision:
+
+- fp32: the exported weights;
+- int8: weights rounded to int8 with one scale per output (weight-only quantization; activations
+  stay fp32). Decoding a token reads every weight once, so on a CPU its speed is bound by memory
+  traffic, and int8 weights are a quarter of it.
+
+The kernel is compiled with the system C++ compiler on first use and cached under ~/.cache.
+"""
+
+import ctypes
+import copy
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from model.errors import PipelineError
+
+SOURCE = Path(__file__).with_name("rowwise_linear.cpp")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+PRECISIONS = ("int8", "fp32")
+
+
+class KernelBuildError(PipelineError):
+    """The C++ compiler is missing or failed."""
+
+
+def _cpu_flags():
+    """The CPU's feature flags: a library built with -march=native is only valid on CPUs that have them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build():
+    compiler = os.environ.get("CXX", "c++")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dvc-gpt"
+    library = cache / f"rowwise_linear-{key}.so"
+    if not library.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = cache / f"{library.name}.{os.getpid()}.tmp"
+        try:
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True,
+                           text=True)
+        except FileNotFoundError:
+            raise KernelBuildError(f"serving needs a C++ compiler to build {SOURCE.name} and found no '{compiler}' "
+                                   f"(install g++, or name one in $CXX)") from None
+        except subprocess.CalledProcessError as error:
+            raise KernelBuildError(f"'{compiler}' failed to build {SOURCE}:\n{error.stderr.strip()}") from None
+        partial.replace(library)  # atomic: a concurrent build never loads a half-written library
+    lib = ctypes.CDLL(str(library))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.linear_f32.argtypes = [pointer, size, size, pointer, pointer, size, ctypes.c_int]
+    lib.linear_i8.argtypes = [pointer, pointer, size, size, pointer, pointer, size, ctypes.c_int]
+    return lib
+
+
+_library = None
+
+
+def library():
+    global _library
+    if _library is None:
+        _library = _build()
+    return _library
+
+
+class RowwiseLinear(nn.Module):
+    """A bias-free nn.Linear on CPU whose rows are computed independently (see the module docstring)."""
+
+    def __init__(self, weight, precision):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+        weight = weight.detach().float().contiguous()
+        self.out_features, self.in_features = weight.shape
+        sizes = (self.out_features, self.in_features)
+        if precision == "int8":
+            # Symmetric, one scale per output row: the largest weight of the row maps to 127.
+            scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+            self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))
+            self.register_buffer("scale", scale.contiguous())
+            self.compute = functools.partial(library().linear_i8, self.weight.data_ptr(), self.scale.data_ptr(),
+                                             *sizes)
+        else:
+            self.register_buffer("weight", weight)
+            self.compute = functools.partial(library().linear_f32, self.weight.data_ptr(), *sizes)
+
+    def forward(self, x):
+        # Decoding calls this some forty times per token, so it does little: the weight's arguments are bound
+        # once, above, and the output is allocated in its final shape.
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        out = torch.empty(*x.shape[:-1], self.out_features)
+        self.compute(x.data_ptr(), out.data_ptr(), x.numel() // self.in_features, torch.get_num_threads())
+        return out
+
+
+def rowwise_model(model, precision):
+    """A copy of `model` (on CPU, for inference) whose linear layers are RowwiseLinear at `precision`."""
+    model = copy.deepcopy(model).cpu().float().eval()
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                if child.bias is not None:
+                    raise ValueError(f"linear layer '{name}' has a bias, which RowwiseLinear does not take")
+                setattr(module, name, RowwiseLinear(child.weight, precision))
+    return model
