@@ -5,8 +5,11 @@
 // rows computed beside it, and sampled text on the requests batched with it.
 // Built with -ffp-contract=off, so the compiler fuses no a * b + c on its own: multiply_add decides, the
 // same way in every tile shape.
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #if defined(__AVX2__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -93,9 +96,65 @@ extern "C" void linear_f32(const float* w, int64_t N, int64_t K, const float* x,
     linear<float>(x, w, y, B, K, N, threads);
 }
 
+// int8: each row of x is rounded to int8 with a scale of its own (its largest magnitude maps to 127), and
+// the products with the int8 weights are summed in int32. Integer sums are exact, so their order cannot
+// matter; the scales are applied per element. Nothing depends on the other rows.
+template <int ROWS, int COLS>
+static inline void integer_tile(const int8_t* x, const int8_t* w, int64_t K, int32_t* y, int64_t N) {
+    int32_t acc[ROWS][COLS] = {};
+    int64_t k = 0;
+#ifdef __AVX2__  // 16 products a step: widen to int16, multiply and add pairs into int32 (vpmaddwd)
+    __m256i vector_acc[ROWS][COLS];
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < COLS; c++) vector_acc[r][c] = _mm256_setzero_si256();
+    for (; k + 16 <= K; k += 16) {
+        __m256i weights[COLS];
+        for (int c = 0; c < COLS; c++)
+            weights[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * K + k)));
+        for (int r = 0; r < ROWS; r++) {
+            __m256i inputs = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + r * K + k)));
+            for (int c = 0; c < COLS; c++)
+                vector_acc[r][c] = _mm256_add_epi32(vector_acc[r][c], _mm256_madd_epi16(inputs, weights[c]));
+        }
+    }
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < COLS; c++) {
+            alignas(32) int32_t lanes[8];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vector_acc[r][c]);
+            for (int lane = 0; lane < 8; lane++) acc[r][c] += lanes[lane];
+        }
+#endif
+    for (; k < K; k++)
+        for (int r = 0; r < ROWS; r++)
+            for (int c = 0; c < COLS; c++) acc[r][c] += int32_t(x[r * K + k]) * int32_t(w[c * K + k]);
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < COLS; c++) y[r * N + c] = acc[r][c];
+}
+
 extern "C" void linear_i8(const int8_t* w, const float* scale, int64_t N, int64_t K, const float* x, float* y,
                           int64_t B, int threads) {
-    linear<int8_t>(x, w, y, B, K, N, threads);
+    std::vector<int8_t> rows(B * K);
+    std::vector<float> row_scale(B);
+    std::vector<int32_t> sums(B * N);
+    for (int64_t b = 0; b < B; b++) {
+        float largest = 0.0f;
+        for (int64_t k = 0; k < K; k++) largest = std::max(largest, std::fabs(x[b * K + k]));
+        row_scale[b] = largest / 127.0f;
+        float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+        for (int64_t k = 0; k < K; k++) rows[b * K + k] = static_cast<int8_t>(std::nearbyint(x[b * K + k] * inverse));
+    }
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n += 2) {
+        int32_t* out = sums.data();
+        if (n + 2 <= N) {
+            int64_t b = 0;
+            for (; b + 4 <= B; b += 4) integer_tile<4, 2>(rows.data() + b * K, w + n * K, K, out + b * N + n, N);
+            for (; b < B; b++) integer_tile<1, 2>(rows.data() + b * K, w + n * K, K, out + b * N + n, N);
+        } else {
+            for (int64_t c = n; c < N; c++)
+                for (int64_t b = 0; b < B; b++) integer_tile<1, 1>(rows.data() + b * K, w + c * K, K, out + b * N + c, N);
+        }
+    }
     for (int64_t b = 0; b < B; b++)
-        for (int64_t n = 0; n < N; n++) y[b * N + n] *= scale[n];
+        for (int64_t n = 0; n < N; n++) y[b * N + n] = static_cast<float>(sums[b * N + n]) * row_scale[b] * scale[n];
 }

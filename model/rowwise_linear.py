@@ -6,10 +6,11 @@ enough to change a sampled token now and then: the same seeded request would not
 alone and under load. The kernel here fixes the order of every sum by the input width alone, so a
 row's output is bit for bit the same in a batch of any size, at either precision:
 
-- fp32: the exported weights;
-- int8: weights rounded to int8 with one scale per output (weight-only quantization; activations
-  stay fp32). Decoding a token reads every weight once, so on a CPU its speed is bound by memory
-  traffic, and int8 weights are a quarter of it.
+- fp32: the exported weights, sums in a fixed order;
+- int8: weights rounded to int8 with one scale per output, and each input row rounded to int8 with
+  a scale of its own; the products are summed in int32, which is exact, so the order cannot matter.
+  Decoding a token reads every weight once: int8 weights are a quarter of fp32's memory traffic,
+  and integer multiply-adds do four times the work per instruction.
 
 The kernel is compiled with the system C++ compiler on first use and cached under ~/.cache.
 """

@@ -1,6 +1,9 @@
 """The web UI in a real headless browser (Debian's chromium + chromedriver; skipped where absent)."""
 
+import io
+
 import pytest
+from PIL import Image
 
 from tests.browser import CHROMEDRIVER, CHROMIUM, headless_chromium
 from tests.server import RunningServer
@@ -79,3 +82,46 @@ def test_a_rejected_request_shows_the_error(page):
     page.find_element(By.ID, "send").click()
     WebDriverWait(page, 20).until(lambda b: b.find_element(By.ID, "error").text)
     assert "max_tokens" in page.find_element(By.ID, "error").text
+
+
+def test_a_ten_turn_chat_keeps_going_past_the_context(page, tmp_path):
+    """The tiny chat model has a context of 128 tokens: by the third turn the conversation no longer fits, and
+    the page leaves out the oldest turns (and says so) instead of failing every turn from then on."""
+    Select(page.find_element(By.ID, "model")).select_by_value("chat")
+    page.find_element(By.ID, "clear").click()
+    for control, value in (("min-tokens", "3"), ("max-tokens", "40")):
+        page.find_element(By.ID, control).clear()
+        page.find_element(By.ID, control).send_keys(value)
+    questions = [f"Question number {i}: what do you think about the river and the old stone bridge?" for i in
+                 range(10)]
+    for question in questions:
+        send(page, question)
+        assert page.find_element(By.ID, "error").text == ""
+    assert [turn.text for turn in page.find_elements(By.CSS_SELECTOR, ".turn.user")] == questions
+    assert len(page.find_elements(By.CSS_SELECTOR, ".turn.assistant")) == 10
+    notes = [note.text for note in page.find_elements(By.CSS_SELECTOR, ".note")]
+    assert notes and "no longer fit the model's context of 128 tokens" in notes[-1]
+    # What the user sees: both kinds of bubble drawn, and the newest reply scrolled into view.
+    last = page.find_elements(By.CSS_SELECTOR, ".turn.assistant")[-1]
+    assert page.execute_script("const r = arguments[0].getBoundingClientRect(); "
+                               "return r.bottom <= window.innerHeight && r.top >= 0;", last)
+    screenshot = Image.open(io.BytesIO(page.get_screenshot_as_png())).convert("RGB")
+    colors = {color for _, color in screenshot.getcolors(maxcolors=1 << 20)}
+    assert (0xE4, 0xEC, 0xFF) in colors and (0xF1, 0xF1, 0xF1) in colors  # user and assistant bubbles
+
+
+def test_a_failed_message_goes_back_into_the_box_and_greedy_is_offered(page):
+    Select(page.find_element(By.ID, "model")).select_by_value("chat")
+    page.find_element(By.ID, "clear").click()
+    slider = page.find_element(By.ID, "temperature")
+    page.execute_script("arguments[0].value = 0; arguments[0].dispatchEvent(new Event('input'));", slider)
+    assert page.find_element(By.ID, "temperature-value").text == "0 (greedy)"
+    assert slider.get_attribute("max") == "2"
+    page.find_element(By.ID, "max-tokens").clear()
+    page.find_element(By.ID, "max-tokens").send_keys("100000")  # refused whatever the history
+    box = page.find_element(By.ID, "input")
+    box.send_keys("Please keep this text")
+    page.find_element(By.ID, "send").click()
+    WebDriverWait(page, 20).until(lambda b: b.find_element(By.ID, "error").text)
+    assert page.find_element(By.ID, "input").get_attribute("value") == "Please keep this text"
+    assert page.find_elements(By.CSS_SELECTOR, ".turn.user.unsent")
