@@ -82,9 +82,10 @@ class KVCache:
         outputs = []
         for query, own, row, end in zip(queries, positions, rows.tolist(), (positions[:, -1] + 1).tolist()):
             mask = None if len(own) == 1 else own[:, None] >= torch.arange(end, device=own.device)
-            outputs.append(F.scaled_dot_product_attention(query, self.keys[layer, row, :, :end],
-                                                          self.values[layer, row, :, :end], attn_mask=mask))
-        return torch.stack(outputs)
+            # (1, H, ., D): with a batch dimension, CPUs get the fused kernel, twice as fast for one query.
+            outputs.append(F.scaled_dot_product_attention(query[None], self.keys[layer, row : row + 1, :, :end],
+                                                          self.values[layer, row : row + 1, :, :end], attn_mask=mask))
+        return torch.cat(outputs)
 
 
 class Attention(nn.Module):
