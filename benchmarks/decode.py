@@ -71,6 +71,17 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
+def read_bandwidth():
+    """GB/s at which torch reads memory on this machine, best of five sums of a 200 MB tensor."""
+    data = torch.ones(50_000_000)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
 def timed(run, tokens):
     start = time.perf_counter()
     out = run()
@@ -101,9 +112,10 @@ def main():
                 torch.tensor([prompt]), max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
                 eos_token_id=None, pad_token_id=0)[0, len(prompt) :].tolist(),
         }
-        speeds, texts = {}, {}
+        speeds, texts, bandwidth = {}, {}, {}
         for threads in args.threads:
             torch.set_num_threads(threads)
+            bandwidth[threads] = read_bandwidth()
             with torch.inference_mode():
                 for run in runs.values():
                     run()  # warm-up
@@ -131,6 +143,13 @@ def main():
             median = statistics.median(values)
             lines.append(f"| {threads} | {name} | {median:.0f} ({min(values):.0f} to {max(values):.0f}) | "
                          f"{median / plain:.2f}x | {median / hf_speed:.2f}x |")
+    ratios = [statistics.median(speeds[(threads, "Hugging Face generate, fp32")])
+              / statistics.median(speeds[(threads, "plain reference, fp32")]) for threads in args.threads]
+    lines += ["", f"Sanity check of the references: `generate` runs at {min(ratios):.2f} to {max(ratios):.2f} of the "
+                  f"plain loop's speed, as expected of its per-step overhead (its logits processors and cache "
+                  f"objects). The absolute figures follow this machine's memory bandwidth: "
+                  + ", ".join(f"{bandwidth[threads]:.0f} GB/s with {threads} thread(s)" for threads in args.threads)
+                  + " (summing a 200 MB tensor)."]
     report = "\n".join(lines)
     print(report)
     write_section("## Decoding (in process)", report)

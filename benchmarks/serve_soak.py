@@ -1,10 +1,10 @@
 """Soak test: the HTTP server under many concurrent clients for minutes, where no error is allowed.
 
 usage (from the repository root):
-    .venv/bin/python -m benchmarks.serve_soak [--duration 180] [--clients 64] [--tiny] [--models-dir DIR ...]
+    .venv/bin/python -m benchmarks.serve_soak [--duration 180] [--clients 64] [--models-dir DIR ...]
 
-For each models folder (default serve/models; --tiny adds the tiny models of tests/tiny.py, exported
-to a temporary folder), starts `python -m serve` on a free loopback port. Then --clients asyncio
+For each models folder (default serve/models, what `dvc repro` exports), starts `python -m serve`
+on a free loopback port. Then --clients asyncio
 clients (httpx) send requests for --duration seconds: completions and chat completions, streamed
 or not, small max_tokens, some with n = 2 or stop strings; a few invalid ones (a 400 is expected)
 and a few streams dropped after their first chunk (the server must stop those generations). Each
@@ -62,14 +62,6 @@ def rss_mb(pid):
     """(current, peak) resident memory of process `pid` in MB, from /proc/PID/status."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return tuple(int(fields[name].split()[0]) / 1024 for name in ("VmRSS", "VmHWM"))
-
-
-def export_tiny_models(folder):
-    from tests.tiny import make_exports, make_tokenizer
-
-    tokenizer_path, tokenizer = make_tokenizer(folder)
-    make_exports(folder / "models", tokenizer_path, tokenizer.vocab_size)
-    return folder / "models"
 
 
 def pick_request(rng, models, chat_models):
@@ -172,30 +164,27 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=180, help="seconds of load per models folder")
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--tiny", action="store_true", help="also soak the tiny models of tests/tiny.py")
     parser.add_argument("--models-dir", action="append", help="a folder of exported models (repeatable; "
-                                                              "default: serve/models unless --tiny)")
+                                                              "default: serve/models)")
     args = parser.parse_args()
     rows, problems = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        targets = [("tests/tiny.py models", export_tiny_models(Path(tmp)))] if args.tiny else []
-        targets += [(folder, Path(folder)) for folder in args.models_dir or ([] if args.tiny else ["serve/models"])]
-        for name, models_dir in targets:
-            load_before = os.getloadavg()[0]
-            tally = run_server_and_soak(models_dir, args.clients, args.duration)
-            answered = len(tally.latencies)
-            rows.append(
-                f"| {name} | {tally.wall:.0f} | {args.clients} | {answered + tally.refused + tally.dropped} "
-                f"({answered} answered, {tally.streams} of them streamed; {tally.refused} refused as expected; "
-                f"{tally.dropped} dropped mid-stream) | **{len(tally.errors)}** | "
-                f"{statistics.median(tally.latencies):.2f} / {percentile(tally.latencies, 0.9):.2f} / "
-                f"{percentile(tally.latencies, 0.99):.2f} | {statistics.median(tally.first_chunks):.3f} / "
-                f"{percentile(tally.first_chunks, 0.99):.3f} | {tally.completion_tokens / tally.wall:.0f} | "
-                f"{tally.rss_start:.0f} / {tally.rss_end:.0f} (peak {tally.rss_peak:.0f}) | {load_before:.1f} |")
-            problems += [f"{name}: {error}" for error in tally.errors[:10]]
+    for name in args.models_dir or ["serve/models"]:
+        models_dir = Path(name)
+        load_before = os.getloadavg()[0]
+        tally = run_server_and_soak(models_dir, args.clients, args.duration)
+        answered = len(tally.latencies)
+        rows.append(
+            f"| {name} | {tally.wall:.0f} | {args.clients} | {answered + tally.refused + tally.dropped} "
+            f"({answered} answered, {tally.streams} of them streamed; {tally.refused} refused as expected; "
+            f"{tally.dropped} dropped mid-stream) | **{len(tally.errors)}** | "
+            f"{statistics.median(tally.latencies):.2f} / {percentile(tally.latencies, 0.9):.2f} / "
+            f"{percentile(tally.latencies, 0.99):.2f} | {statistics.median(tally.first_chunks):.3f} / "
+            f"{percentile(tally.first_chunks, 0.99):.3f} | {tally.completion_tokens / tally.wall:.0f} | "
+            f"{tally.rss_start:.0f} / {tally.rss_end:.0f} (peak {tally.rss_peak:.0f}) | {load_before:.1f} |")
+        problems += [f"{name}: {error}" for error in tally.errors[:10]]
     lines = [
         f"Command: `.venv/bin/python -m benchmarks.serve_soak --duration {args.duration:g} --clients {args.clients}"
-        f"{' --tiny' if args.tiny else ''}{''.join(f' --models-dir {d}' for d in args.models_dir or [])}`. "
+        f"{''.join(f' --models-dir {d}' for d in args.models_dir or [])}`. "
         f"{machine_line()}",
         "",
         f"`python -m serve --max-batch {MAX_BATCH}` (default precision and limits) in its own process; "
