@@ -22,7 +22,7 @@ import model.files
 from model.files import DiskFullError, atomic_output
 from model.gpt import save_model
 from stages import build_bpe, combine, encode, extract_c4, extract_dialog, extract_wikipedia
-from tests.tiny import make_model
+from tests.tiny import servable_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = REPO_ROOT / "data" / "sample"
@@ -169,7 +169,7 @@ def _fill(folder, leave):
 def test_a_full_tmpfs_fails_each_kind_of_writer_clearly_and_keeps_the_previous_outputs(small_disk, monkeypatch):
     _write_params(small_disk)
     monkeypatch.chdir(small_disk)
-    tiny = make_model(vocab_size=600)
+    tiny = servable_model(vocab_size=600)
     runs = {  # output: the stage function that writes it, as dvc.yaml calls it
         "data/extracted/wikipedia.jsonl": lambda: extract_wikipedia.main(
             "data/extracted/wikipedia.jsonl", "metrics/extract_wikipedia.json"),

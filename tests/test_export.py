@@ -8,18 +8,18 @@ import torch
 from model.dialog import render_chat
 from model.export import export_model, load_export
 from model.generate import Sampling, generate
-from tests.tiny import make_model, make_tokenizer
+from tests.tiny import servable_model
 
 transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, tokenizer_model_file, tokenizer):
     folder = tmp_path_factory.mktemp("export")
-    tokenizer_path, tokenizer = make_tokenizer(folder)
+    tokenizer_path = tokenizer_model_file
     models = {}
     for tied in (True, False):
-        model = make_model(tokenizer.vocab_size, tie_embeddings=tied, seed=int(tied))
+        model = servable_model(tokenizer.vocab_size, tie_embeddings=tied, seed=int(tied))
         out = folder / f"tied-{tied}"
         export_model(model, tokenizer_path, out, "m", True, {"metrics": {"loss": 1.5}}, {"temperature": 0.7})
         models[tied] = (model, out)

@@ -310,19 +310,6 @@ def test_min_tokens_suppresses_the_stop_id(temperature):
 # --- fixed-prompt completions of the evaluate stage ------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def small_tokenizer(tmp_path_factory):
-    from model.tokenizer import Tokenizer, train_bpe
-
-    rng = np.random.default_rng(0)
-    words = ["river", "stone", "lantern", "quiet", "market", "garden", "yellow", "window", "morning", "candle",
-             "the", "a", "under", "beside", "carried", "painted", "found", "old", "small", "bright"]
-    sentences = sorted({" ".join(rng.choice(words, size=6)) + "." for _ in range(300)})
-    path = tmp_path_factory.mktemp("bpe") / "tokenizer.model"
-    path.write_bytes(train_bpe(sentences, vocab_size=300, seed=0))
-    return Tokenizer(path)
-
-
 def biased_model(vocab_size, token_id):
     model = random_model(seed=23, vocab_size=vocab_size, tie_embeddings=False)
     bias = torch.zeros(vocab_size)
@@ -339,20 +326,20 @@ def evaluate_params(max_new_tokens=5):
 
 @pytest.mark.parametrize("chat, stop_piece", [(True, "<|endoftext|>"), (True, "<|user|>"), (True, "<0x0A>"),
                                               (False, "<|endoftext|>")])
-def test_completions_leave_out_the_stop_token_that_ended_them(small_tokenizer, chat, stop_piece):
+def test_completions_leave_out_the_stop_token_that_ended_them(tokenizer, chat, stop_piece):
     from model.evaluation import completions
 
-    stop_id = small_tokenizer.sp.piece_to_id(stop_piece)
-    model = biased_model(small_tokenizer.vocab_size, stop_id)
-    results = completions(model, small_tokenizer, chat, evaluate_params(), seed=0)
+    stop_id = tokenizer.sp.piece_to_id(stop_piece)
+    model = biased_model(tokenizer.vocab_size, stop_id)
+    results = completions(model, tokenizer, chat, evaluate_params(), seed=0)
     assert len(results) == 3
     assert [completion for _, completion in results] == ["", "", ""]
 
 
-def test_completions_decode_the_generated_tokens(small_tokenizer):
+def test_completions_decode_the_generated_tokens(tokenizer):
     from model.evaluation import completions
 
-    word_id = small_tokenizer.encode("lantern")[0]
-    model = biased_model(small_tokenizer.vocab_size, word_id)
-    for prompt, completion in completions(model, small_tokenizer, True, evaluate_params(4), seed=0):
-        assert completion == small_tokenizer.decode([word_id] * 4)
+    word_id = tokenizer.encode("lantern")[0]
+    model = biased_model(tokenizer.vocab_size, word_id)
+    for prompt, completion in completions(model, tokenizer, True, evaluate_params(4), seed=0):
+        assert completion == tokenizer.decode([word_id] * 4)

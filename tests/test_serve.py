@@ -9,16 +9,15 @@ import torch
 
 from serve.app import create_app
 from tests.server import RunningServer
-from tests.tiny import make_exports, make_tokenizer
+from tests.tiny import make_exports
 
 openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
+def models_dir(tmp_path_factory, tokenizer_model_file, tokenizer):
     folder = tmp_path_factory.mktemp("models")
-    tokenizer_path, tokenizer = make_tokenizer(folder)
-    make_exports(folder / "models", tokenizer_path, tokenizer.vocab_size)
+    make_exports(folder / "models", tokenizer_model_file, tokenizer.vocab_size)
     (folder / "models" / "broken").mkdir()
     (folder / "models" / "broken" / "config.json").write_text("{not json")
     return folder / "models"

@@ -13,7 +13,7 @@ import pytest
 
 from serve.__main__ import parse_args
 from tests.server import RunningServer
-from tests.tiny import make_exports, make_tokenizer
+from tests.tiny import make_exports
 from tests.browser import headless_chromium
 
 KEY = "s3cret-key"
@@ -24,10 +24,9 @@ CHAT = {"model": "chat", "messages": [{"role": "user", "content": "Hello"}], "ma
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
+def models_dir(tmp_path_factory, tokenizer_model_file, tokenizer):
     folder = tmp_path_factory.mktemp("security")
-    tokenizer_path, tokenizer = make_tokenizer(folder)
-    make_exports(folder / "models", tokenizer_path, tokenizer.vocab_size, context_length=LONG + 48)
+    make_exports(folder / "models", tokenizer_model_file, tokenizer.vocab_size, context_length=LONG + 48)
     return folder / "models"
 
 

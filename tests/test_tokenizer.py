@@ -226,8 +226,8 @@ def test_sample_sentences_keeps_everything_under_the_limit():
     assert sample_sentences(lines, 3, seed=1) == lines
 
 
-def test_a_model_of_another_vocabulary_is_refused_naming_both_files(tmp_path):
-    path, tokenizer = tiny.make_tokenizer(tmp_path)
+def test_a_model_of_another_vocabulary_is_refused_naming_both_files(tokenizer_model_file, tokenizer):
+    path = tokenizer_model_file
     check_same_vocabulary(tokenizer, path, tiny.tiny_config(vocab_size=tokenizer.vocab_size), "models/x")
     with pytest.raises(VocabularyMismatchError) as info:
         check_same_vocabulary(tokenizer, path, tiny.tiny_config(vocab_size=tokenizer.vocab_size + 1), "models/x")

@@ -27,7 +27,7 @@ if str(REPO_ROOT) not in sys.path:  # as a torchrun worker script
 from model.encoding import encode_dialogues  # noqa: E402
 from model.gpt import IGNORE_INDEX, load_model  # noqa: E402
 from model.params import TrainParams  # noqa: E402
-from model.tokenizer import ASSISTANT_ID, END_OF_TEXT_ID, USER_ID, Tokenizer, train_bpe  # noqa: E402
+from model.tokenizer import ASSISTANT_ID, END_OF_TEXT_ID, USER_ID  # noqa: E402
 from model.batches import batch_rng, dialogue_batch, pretraining_batch  # noqa: E402
 from model.evaluation import evaluation_windows, mean_loss  # noqa: E402
 from model.training import (  # noqa: E402
@@ -334,13 +334,6 @@ def made_up_sentences(n, seed):
 
 
 @pytest.fixture(scope="module")
-def chat_tokenizer(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bpe") / "tokenizer.model"
-    path.write_bytes(train_bpe(made_up_sentences(400, seed=0), vocab_size=400, seed=1))
-    return Tokenizer(path)
-
-
-@pytest.fixture(scope="module")
 def dialogues():
     """20 dialogues of 2 to 5 turns (some end on the user, some on the assistant)."""
     sentences = made_up_sentences(120, seed=1)
@@ -350,9 +343,9 @@ def dialogues():
 
 
 @pytest.fixture(scope="module")
-def dialogue_arrays(chat_tokenizer, dialogues):
+def dialogue_arrays(tokenizer, dialogues):
     """(tokens, mask, offsets) as the encode stage stores them."""
-    return encode_dialogues(chat_tokenizer, dialogues)
+    return encode_dialogues(tokenizer, dialogues)
 
 
 def dialogue_ids(arrays, index):
@@ -361,7 +354,7 @@ def dialogue_ids(arrays, index):
 
 
 def test_dialogue_batch_targets_are_the_next_token_exactly_on_assistant_replies(
-        chat_tokenizer, dialogues, dialogue_arrays):
+        tokenizer, dialogues, dialogue_arrays):
     picks = np.arange(len(dialogues))
     inputs, targets = dialogue_batch(*dialogue_arrays, picks, context_length=512)
     for row, pick in enumerate(picks):
@@ -372,13 +365,13 @@ def test_dialogue_batch_targets_are_the_next_token_exactly_on_assistant_replies(
         assert targets[row, :n][kept].tolist() == ids[1:][kept].tolist()
         # The kept targets spell the assistant's replies, each with the newline that ends it, and nothing else.
         replies = "".join(f"{reply}\n" for reply in dialogues[pick][1::2])
-        assert chat_tokenizer.decode(targets[row, :n][kept].tolist()) == replies
+        assert tokenizer.decode(targets[row, :n][kept].tolist()) == replies
         # The closing <|endoftext|> is learned only after an assistant reply.
         assert kept[-1] == (len(dialogues[pick]) % 2 == 0)
         assert ids[-1] == END_OF_TEXT_ID
 
 
-def test_dialogue_batch_ignores_user_turns_and_role_tokens(chat_tokenizer, dialogues, dialogue_arrays):
+def test_dialogue_batch_ignores_user_turns_and_role_tokens(tokenizer, dialogues, dialogue_arrays):
     picks = np.arange(len(dialogues))
     inputs, targets = dialogue_batch(*dialogue_arrays, picks, context_length=512)
     for row, pick in enumerate(picks):
@@ -392,7 +385,7 @@ def test_dialogue_batch_ignores_user_turns_and_role_tokens(chat_tokenizer, dialo
         # The role line's newline belongs to the prompt (chat_prompt supplies it), not to the reply.
         after_role = np.flatnonzero(role_positions) + 1
         assert ignored[after_role[after_role < n]].all()
-        ignored_text = chat_tokenizer.decode([int(i) for i in next_ids[ignored] if i not in (USER_ID, ASSISTANT_ID)])
+        ignored_text = tokenizer.decode([int(i) for i in next_ids[ignored] if i not in (USER_ID, ASSISTANT_ID)])
         for user_turn in dialogues[pick][0::2]:
             assert user_turn in ignored_text
         for reply in dialogues[pick][1::2]:

@@ -7,7 +7,7 @@ from PIL import Image
 
 from tests.browser import CHROMEDRIVER, CHROMIUM, headless_chromium
 from tests.server import RunningServer
-from tests.tiny import make_exports, make_tokenizer
+from tests.tiny import make_exports
 
 pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -17,10 +17,9 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs D
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def page(tmp_path_factory, tokenizer_model_file, tokenizer):
     folder = tmp_path_factory.mktemp("ui")
-    tokenizer_path, tokenizer = make_tokenizer(folder)
-    make_exports(folder / "models", tokenizer_path, tokenizer.vocab_size)
+    make_exports(folder / "models", tokenizer_model_file, tokenizer.vocab_size)
     with RunningServer(folder / "models") as server:
         browser = headless_chromium(folder / "profile")
         try:
