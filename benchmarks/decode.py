@@ -4,7 +4,7 @@ usage (from the repository root): .venv/bin/python -m benchmarks.decode [--token
 
 The ryangpt shape (random weights: speed does not depend on them), batch 1, greedy, --tokens new
 tokens after an 8-token prompt, for each torch thread count:
-- ours: `model.generate.generate` on the server's model (model/rowwise_linear.py), fp32 and int8;
+- ours: `model.generate.generate` on the server's model (model/rowwise.py), fp32 and int8;
 - plain: a Llama-style loop written the plain way, as a reference should be: the same weights through
   F.linear, a preallocated KV cache per layer, no attention mask on one-token steps;
 - Hugging Face `generate` (transformers) on the exported folder, fp32, greedy.
@@ -25,7 +25,7 @@ from benchmarks.report import machine_line, write_section
 from benchmarks.serve_load import PROMPT, build_export
 from model.export import load_export
 from model.generate import Sampling, generate
-from model.rowwise_linear import rowwise_model
+from model.rowwise import rowwise_model
 
 COMMAND = ".venv/bin/python -m benchmarks.decode"
 REPEATS = 3

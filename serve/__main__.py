@@ -12,7 +12,7 @@ import os
 import torch
 import uvicorn
 
-from model.rowwise_linear import PRECISIONS
+from model.rowwise import PRECISIONS
 from serve.app import BODY_SECONDS, LOOPBACK_HOSTS, MAX_BODY_BYTES, MAX_GENERATION_SECONDS, MAX_QUEUE, create_app
 from serve.engine import DEFAULT_PRECISION
 from serve.protocol import HEADER_SECONDS, MAX_CONNECTIONS, header_timeout_protocol

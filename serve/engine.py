@@ -7,7 +7,7 @@ pass per step produces the next token of every decoding request. A finished (or 
 request leaves at once and its row is free for the next one.
 
 A request's text never depends on what else is batched: the linear layers compute every row on
-its own (model/rowwise_linear.py), attention runs sequence by sequence, the chunks of a prompt are
+its own and attention runs sequence by sequence (model/rowwise.py), the chunks of a prompt are
 fixed by the prompt alone, and sampling draws from the request's own stream (model/generate.py).
 The HTTP side never waits on the model: tokens arrive through an asyncio queue.
 """
@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.generate import Sequence, next_tokens, random_stream
-from model.gpt import KVCache
-from model.rowwise_linear import rowwise_model
+from model.rowwise import RowwiseKVCache, rowwise_model
 
 log = logging.getLogger("serve")
 DEFAULT_PRECISION = "int8"
@@ -103,7 +102,7 @@ class Engine:
         self.model = rowwise_model(model, precision)
         self.tokenizer, self.max_batch = tokenizer, max_batch
         self.context_length = model.config.context_length
-        self.cache = KVCache(model.config, max_batch, self.context_length)
+        self.cache = RowwiseKVCache(model.config, max_batch, self.context_length)
         self._waiting = collections.deque()
         self._wakeup = threading.Condition()
         self._free_rows = list(range(max_batch - 1, -1, -1))

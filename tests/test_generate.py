@@ -6,7 +6,7 @@ import torch
 
 from model.generate import Sampling, Sequence, generate, logits_to_probs, next_tokens, random_stream
 from model.gpt import KVCache
-from model.rowwise_linear import PRECISIONS, RowwiseLinear, rowwise_model
+from model.rowwise import PRECISIONS, RowwiseKVCache, RowwiseLinear, rowwise_model
 from tests.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,10 +165,11 @@ def test_rowwise_linear_rows_are_bitwise_the_same_in_any_batch(precision):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_decoded_logits_of_a_row_are_bitwise_the_same_alone_and_batched(trained_model, precision):
+    """The server's way: its model, its cache (decoding attention in the kernel)."""
     model = rowwise_model(trained_model, precision)
     sequences = [prompt(length, seed=40 + length) for length in (5, 9, 3, 12, 7)]
     with torch.no_grad():
-        cache = KVCache(model.config, 5, CONTEXT)
+        cache = RowwiseKVCache(model.config, 5, CONTEXT)
         for row, sequence in enumerate(sequences):
             decode(model, cache, row, sequence[:-1], 0)
         alone = [decode(model, cache, row, sequence[-1:], len(sequence) - 1)[0]
@@ -179,6 +180,20 @@ def test_decoded_logits_of_a_row_are_bitwise_the_same_alone_and_batched(trained_
                                                                                 for row in batch]))
             for b, row in enumerate(batch):
                 assert torch.equal(logits[b, 0], alone[row])
+
+
+def test_the_kernels_decoding_attention_equals_the_models(trained_model):
+    sequences = [prompt(length, seed=50 + length) for length in (6, 11, 2)]
+    with torch.no_grad():
+        caches = [KVCache(trained_model.config, 3, CONTEXT), RowwiseKVCache(trained_model.config, 3, CONTEXT)]
+        logits = []
+        for cache in caches:
+            for row, sequence in enumerate(sequences):
+                decode(trained_model, cache, row, sequence[:-1], 0)
+            logits.append(trained_model(torch.tensor([sequence[-1:] for sequence in sequences]), cache=cache,
+                                        rows=torch.arange(3),
+                                        positions=torch.tensor([[len(s) - 1] for s in sequences]))[0])
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
 
 
 # --- sampling ------------------------------------------------------------------------------------

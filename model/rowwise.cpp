@@ -99,8 +99,9 @@ extern "C" void linear_f32(const float* w, int64_t N, int64_t K, const float* x,
 // int8: each row of x is rounded to int8 with a scale of its own (its largest magnitude maps to 127), and
 // the products with the int8 weights are summed in int32. Integer sums are exact, so their order cannot
 // matter; the scales are applied per element. Nothing depends on the other rows.
+// x: int8 values held as int16, widened once per call rather than once per tile.
 template <int ROWS, int COLS>
-static inline void integer_tile(const int8_t* x, const int8_t* w, int64_t K, int32_t* y, int64_t N) {
+static inline void integer_tile(const int16_t* x, const int8_t* w, int64_t K, int32_t* y, int64_t N) {
     int32_t acc[ROWS][COLS] = {};
     int64_t k = 0;
 #ifdef __AVX2__  // 16 products a step: widen to int16, multiply and add pairs into int32 (vpmaddwd)
@@ -112,7 +113,7 @@ static inline void integer_tile(const int8_t* x, const int8_t* w, int64_t K, int
         for (int c = 0; c < COLS; c++)
             weights[c] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + c * K + k)));
         for (int r = 0; r < ROWS; r++) {
-            __m256i inputs = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + r * K + k)));
+            __m256i inputs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * K + k));
             for (int c = 0; c < COLS; c++)
                 vector_acc[r][c] = _mm256_add_epi32(vector_acc[r][c], _mm256_madd_epi16(inputs, weights[c]));
         }
@@ -133,7 +134,7 @@ static inline void integer_tile(const int8_t* x, const int8_t* w, int64_t K, int
 
 extern "C" void linear_i8(const int8_t* w, const float* scale, int64_t N, int64_t K, const float* x, float* y,
                           int64_t B, int threads) {
-    std::vector<int8_t> rows(B * K);
+    std::vector<int16_t> rows(B * K);
     std::vector<float> row_scale(B);
     std::vector<int32_t> sums(B * N);
     for (int64_t b = 0; b < B; b++) {
@@ -141,7 +142,7 @@ extern "C" void linear_i8(const int8_t* w, const float* scale, int64_t N, int64_
         for (int64_t k = 0; k < K; k++) largest = std::max(largest, std::fabs(x[b * K + k]));
         row_scale[b] = largest / 127.0f;
         float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
-        for (int64_t k = 0; k < K; k++) rows[b * K + k] = static_cast<int8_t>(std::nearbyint(x[b * K + k] * inverse));
+        for (int64_t k = 0; k < K; k++) rows[b * K + k] = static_cast<int16_t>(std::nearbyint(x[b * K + k] * inverse));
     }
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n += 2) {
@@ -157,4 +158,39 @@ extern "C" void linear_i8(const int8_t* w, const float* scale, int64_t N, int64_
     }
     for (int64_t b = 0; b < B; b++)
         for (int64_t n = 0; n < N; n++) y[b * N + n] = static_cast<float>(sums[b * N + n]) * row_scale[b] * scale[n];
+}
+
+// Attention of one new token per sequence, the decode step's: for each sequence b and head h, the
+// query attends to keys 0 .. ends[b] - 1 of its own cache row, rows[b]. Every sum runs in a fixed
+// order over that sequence's own positions, so nothing depends on the other sequences.
+// keys, values: (batch rows, H, L, D) of one layer; queries, out: (B, H, D).
+extern "C" void decode_attention(const float* queries, const float* keys, const float* values, const int64_t* rows,
+                                 const int64_t* ends, float* out, int64_t B, int64_t H, int64_t L, int64_t D,
+                                 float scale, int threads) {
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            const float* query = queries + (b * H + h) * D;
+            const float* own_keys = keys + (rows[b] * H + h) * L * D;
+            const float* own_values = values + (rows[b] * H + h) * L * D;
+            int64_t length = ends[b];
+            std::vector<float> weights(length);
+            float largest = -INFINITY;
+            for (int64_t j = 0; j < length; j++) {
+                float score = 0.0f;
+                tile<float, 1, 1>(query, own_keys + j * D, D, &score, 1);
+                weights[j] = score * scale;
+                largest = std::max(largest, weights[j]);
+            }
+            float total = 0.0f;
+            for (int64_t j = 0; j < length; j++) {
+                weights[j] = std::exp(weights[j] - largest);
+                total += weights[j];
+            }
+            float* result = out + (b * H + h) * D;
+            for (int64_t d = 0; d < D; d++) result[d] = 0.0f;
+            for (int64_t j = 0; j < length; j++)
+                for (int64_t d = 0; d < D; d++) result[d] = multiply_add(weights[j], own_values[j * D + d], result[d]);
+            for (int64_t d = 0; d < D; d++) result[d] /= total;
+        }
 }

@@ -1,4 +1,5 @@
-"""Linear layers whose every output row depends on its own input row only (model/rowwise_linear.cpp).
+"""Linear layers and decoding attention whose every output row depends on its own input row only
+(model/rowwise.cpp).
 
 The server decodes many requests in one batch. With BLAS matrix products a row's results change in
 their last bits with the number of rows beside it (the library picks its kernel by shape), which is
@@ -28,8 +29,9 @@ import torch
 import torch.nn as nn
 
 from model.errors import PipelineError
+from model.gpt import KVCache
 
-SOURCE = Path(__file__).with_name("rowwise_linear.cpp")
+SOURCE = Path(__file__).with_name("rowwise.cpp")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 PRECISIONS = ("int8", "fp32")
 
@@ -55,7 +57,7 @@ def _build():
     key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dvc-gpt"
-    library = cache / f"rowwise_linear-{key}.so"
+    library = cache / f"rowwise-{key}.so"
     if not library.exists():
         cache.mkdir(parents=True, exist_ok=True)
         partial = cache / f"{library.name}.{os.getpid()}.tmp"
@@ -72,6 +74,7 @@ def _build():
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.linear_f32.argtypes = [pointer, size, size, pointer, pointer, size, ctypes.c_int]
     lib.linear_i8.argtypes = [pointer, pointer, size, size, pointer, pointer, size, ctypes.c_int]
+    lib.decode_attention.argtypes = [pointer] * 6 + [size] * 4 + [ctypes.c_float, ctypes.c_int]
     return lib
 
 
@@ -113,6 +116,26 @@ class RowwiseLinear(nn.Module):
             x = x.float().contiguous()
         out = torch.empty(*x.shape[:-1], self.out_features)
         self.compute(x.data_ptr(), out.data_ptr(), x.numel() // self.in_features, torch.get_num_threads())
+        return out
+
+
+class RowwiseKVCache(KVCache):
+    """A KVCache whose one-token steps (decoding) attend in model/rowwise.cpp: one call per layer for all
+    sequences, each over its own positions in a fixed order. (The base class loops over the sequences
+    in Python, which costs more than the attention itself when many sequences decode together.)
+    Prompts, several tokens a step, go through the base class."""
+
+    def attend(self, layer, rows, positions, queries, keys, values):
+        if positions.shape[1] != 1:
+            return super().attend(layer, rows, positions, queries, keys, values)
+        self.keys[layer, rows, :, positions[:, 0]] = keys[:, :, 0]
+        self.values[layer, rows, :, positions[:, 0]] = values[:, :, 0]
+        batch, heads, _, head_dim = queries.shape
+        queries, rows, ends = queries.float().contiguous(), rows.contiguous(), (positions[:, 0] + 1).contiguous()
+        out = torch.empty_like(queries)
+        library().decode_attention(queries.data_ptr(), self.keys[layer].data_ptr(), self.values[layer].data_ptr(),
+                                   rows.data_ptr(), ends.data_ptr(), out.data_ptr(), batch, heads,
+                                   self.keys.shape[3], head_dim, head_dim**-0.5, torch.get_num_threads())
         return out
 
 
