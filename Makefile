@@ -31,8 +31,8 @@ profile: setup
 	@git diff --quiet -- params.yaml || { echo "params.yaml has local edits; commit or stash them first (git diff params.yaml)"; exit 1; }
 	python -m model.profiles $(NAME)
 
-ryangpt:
-	$(MAKE) profile NAME=ryangpt
+ryangpt: NAME := ryangpt
+ryangpt: profile
 
 bench: setup
 	python -m benchmarks.data_pipeline

@@ -252,3 +252,21 @@ def test_a_stage_reports_a_bad_param_in_one_line_without_a_traceback(raw, tmp_pa
     assert result.stderr.strip().splitlines() == [
         "error: params.yaml: foo is not a known key; valid keys of (top level): seed, wikipedia, c4, dialog, "
         "combine, tokenizer, model, pretrain, finetune, evaluate"]
+
+
+@pytest.mark.parametrize("target", [["profile", "NAME=ryangpt-fast"], ["ryangpt"]])
+def test_make_refuses_to_overwrite_a_locally_edited_params_yaml(tmp_path, target):
+    """The real Makefile in a scratch git repository; `-o setup` skips the virtual environment."""
+    for name in ("Makefile", "params.yaml"):
+        (tmp_path / name).write_text((REPO_ROOT / name).read_text())
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "start"], check=True)
+    edited = (tmp_path / "params.yaml").read_text().replace("seed: ", "seed: 9", 1)
+    (tmp_path / "params.yaml").write_text(edited)
+    result = subprocess.run(["make", "-s", "-o", "setup", "-C", str(tmp_path), *target], capture_output=True,
+                            text=True, env={**os.environ, "MAKEFLAGS": "-o setup"}, timeout=60)
+    assert result.returncode != 0
+    assert "params.yaml has local edits" in result.stdout + result.stderr
+    assert (tmp_path / "params.yaml").read_text() == edited
