@@ -490,3 +490,30 @@ def test_model_files_that_link_out_of_the_models_dir_or_nowhere_are_not_loaded(m
     with RunningServer(root) as server:
         assert httpx.get(server.url + "/health").json()["models"] == ["base"]
     assert "linked" in caplog.text and "outside" in caplog.text and "dangling" in caplog.text
+
+
+def test_requests_whose_client_left_stop_counting_against_the_queue_at_once(models_dir):
+    """One long generation holds the only batch slot; seven streamed ones wait. Their client leaves: the queue
+    frees at once, while the slot is still busy, so a new request is taken instead of getting a 429."""
+    with RunningServer(models_dir, max_batch=1, max_queue=8) as server:
+        engine = server.app.state.models["base"].engine
+        long_body = {**COMPLETION, "max_tokens": LONG, "min_tokens": LONG}
+        holder = threading.Thread(target=httpx.post, args=(server.url + "/v1/completions",),
+                                  kwargs={"json": long_body, "timeout": 60})
+        holder.start()
+        wait_until(lambda: engine.in_flight() == 1)
+        with httpx.stream("POST", server.url + "/v1/completions", json={**COMPLETION, "n": 7, "stream": True},
+                          timeout=30) as response:
+            assert response.status_code == 200
+            wait_until(lambda: engine.pending() == 7)
+        wait_until(lambda: engine.pending() == 0)
+        assert engine.in_flight() == 1  # the long generation still holds the slot
+        waiting = threading.Thread(target=httpx.post, args=(server.url + "/v1/completions",),
+                                   kwargs={"json": {**COMPLETION, "n": 8}, "timeout": 60})
+        accepted = []
+        submit = engine.submit
+        engine.submit = lambda *args, **kwargs: accepted.append(1) or submit(*args, **kwargs)
+        waiting.start()
+        wait_until(lambda: len(accepted) == 8)
+        holder.join()
+        waiting.join()
