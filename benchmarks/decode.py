@@ -4,7 +4,7 @@ usage (from the repository root): .venv/bin/python -m benchmarks.decode [--token
 
 The ryangpt shape (random weights: speed does not depend on them), batch 1, greedy, --tokens new
 tokens after an 8-token prompt, for each torch thread count:
-- ours: `model.generate.generate` on the server's model (model/rowwise.py), fp32 and int8;
+- ours: the server's engine (serve/engine.py) in this process, one request, fp32 and int8;
 - plain: a Llama-style loop written the plain way, as a reference should be: the same weights through
   F.linear, a preallocated KV cache per layer, no attention mask on one-token steps;
 - Hugging Face `generate` (transformers) on the exported folder, fp32, greedy.
@@ -13,6 +13,7 @@ section "## Decoding (in process)" of BENCHMARKS.md.
 """
 
 import argparse
+import asyncio
 import statistics
 import tempfile
 import time
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 from benchmarks.report import machine_line, write_section
 from benchmarks.serve_load import PROMPT, build_export
 from model.export import load_export
-from model.generate import Sampling, generate
-from model.rowwise import rowwise_model
+from model.generate import Sampling
+from serve.engine import Engine
 
 COMMAND = ".venv/bin/python -m benchmarks.decode"
 REPEATS = 3
@@ -66,6 +67,18 @@ def plain_greedy(model, prompt_ids, tokens):
     return out
 
 
+def engine_greedy(engine, prompt_ids, tokens):
+    """One greedy request through the engine, as the server sends it; returns its token ids."""
+
+    async def run():
+        request = engine.submit(prompt_ids, Sampling(tokens, temperature=0.0))
+        while (await request.events.get()).finish_reason is None:
+            pass
+        return request.new_ids
+
+    return asyncio.run(run())
+
+
 def rotate(x, cos, sin):
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-second, first], dim=-1) * sin
@@ -102,11 +115,10 @@ def main():
         model, _ = load_export(folder)
         hf = AutoModelForCausalLM.from_pretrained(folder).eval()
         prompt = tokenizer.document_prompt(PROMPT)
-        greedy = Sampling(args.tokens, temperature=0.0)
-        ours = {precision: rowwise_model(model, precision) for precision in ("fp32", "int8")}
+        engines = {precision: Engine(model, tokenizer, 1, precision) for precision in ("fp32", "int8")}
         runs = {
-            "ours, fp32": lambda: generate(ours["fp32"], prompt, greedy),
-            "ours, int8": lambda: generate(ours["int8"], prompt, greedy),
+            "ours, fp32": lambda: engine_greedy(engines["fp32"], prompt, args.tokens),
+            "ours, int8": lambda: engine_greedy(engines["int8"], prompt, args.tokens),
             "plain reference, fp32": lambda: plain_greedy(model, prompt, args.tokens),
             "Hugging Face generate, fp32": lambda: hf.generate(
                 torch.tensor([prompt]), max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,

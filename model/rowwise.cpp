@@ -160,20 +160,23 @@ extern "C" void linear_i8(const int8_t* w, const float* scale, int64_t N, int64_
         for (int64_t n = 0; n < N; n++) y[b * N + n] = static_cast<float>(sums[b * N + n]) * row_scale[b] * scale[n];
 }
 
-// Attention of one new token per sequence, the decode step's: for each sequence b and head h, the
-// query attends to keys 0 .. ends[b] - 1 of its own cache row, rows[b]. Every sum runs in a fixed
-// order over that sequence's own positions, so nothing depends on the other sequences.
-// keys, values: (batch rows, H, L, D) of one layer; queries, out: (B, H, D).
-extern "C" void decode_attention(const float* queries, const float* keys, const float* values, const int64_t* rows,
-                                 const int64_t* ends, float* out, int64_t B, int64_t H, int64_t L, int64_t D,
-                                 float scale, int threads) {
+// Attention of one new token per sequence, the decode step's: for each sequence b and head h, its new
+// key and value are stored at position ends[b] - 1 of its cache row rows[b], then its query attends to
+// positions 0 .. ends[b] - 1 of that row. Every sum runs in a fixed order over that sequence's own
+// positions, so nothing depends on the other sequences.
+// keys, values: (cache rows, H, L, D) of one layer; queries, new_keys, new_values, out: (B, H, D).
+extern "C" void decode_attention(const float* queries, const float* new_keys, const float* new_values, float* keys,
+                                 float* values, const int64_t* rows, const int64_t* ends, float* out, int64_t B,
+                                 int64_t H, int64_t L, int64_t D, float scale, int threads) {
     #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
             const float* query = queries + (b * H + h) * D;
-            const float* own_keys = keys + (rows[b] * H + h) * L * D;
-            const float* own_values = values + (rows[b] * H + h) * L * D;
+            float* own_keys = keys + (rows[b] * H + h) * L * D;
+            float* own_values = values + (rows[b] * H + h) * L * D;
             int64_t length = ends[b];
+            std::memcpy(own_keys + (length - 1) * D, new_keys + (b * H + h) * D, D * sizeof(float));
+            std::memcpy(own_values + (length - 1) * D, new_values + (b * H + h) * D, D * sizeof(float));
             std::vector<float> weights(length);
             float largest = -INFINITY;
             for (int64_t j = 0; j < length; j++) {
@@ -193,4 +196,15 @@ extern "C" void decode_attention(const float* queries, const float* keys, const 
                 for (int64_t d = 0; d < D; d++) result[d] = multiply_add(weights[j], own_values[j * D + d], result[d]);
             for (int64_t d = 0; d < D; d++) result[d] /= total;
         }
+}
+
+// RMSNorm of each row: x / sqrt(mean(x^2) + eps) * weight, the sum of squares in the fixed order of tile().
+extern "C" void rms_norm(const float* weight, int64_t D, float eps, const float* x, float* y, int64_t B) {
+    for (int64_t b = 0; b < B; b++) {
+        const float* row = x + b * D;
+        float squares = 0.0f;
+        tile<float, 1, 1>(row, row, D, &squares, 1);
+        float inverse = 1.0f / std::sqrt(squares / static_cast<float>(D) + eps);
+        for (int64_t d = 0; d < D; d++) y[b * D + d] = row[d] * inverse * weight[d];
+    }
 }

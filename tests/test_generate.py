@@ -6,7 +6,7 @@ import torch
 
 from model.generate import Sampling, Sequence, generate, logits_to_probs, next_tokens, random_stream
 from model.gpt import KVCache
-from model.rowwise import PRECISIONS, RowwiseKVCache, RowwiseLinear, rowwise_model
+from model.rowwise import PRECISIONS, RowwiseKVCache, RowwiseLinear, RowwiseRMSNorm, rowwise_model
 from tests.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -180,6 +180,14 @@ def test_decoded_logits_of_a_row_are_bitwise_the_same_alone_and_batched(trained_
                                                                                 for row in batch]))
             for b, row in enumerate(batch):
                 assert torch.equal(logits[b, 0], alone[row])
+
+
+def test_the_kernels_rms_norm_equals_torchs():
+    norm = torch.nn.RMSNorm(37, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    rows = torch.randn(5, 37) * 3
+    torch.testing.assert_close(RowwiseRMSNorm(norm)(rows), norm(rows), rtol=1e-5, atol=1e-6)
 
 
 def test_the_kernels_decoding_attention_equals_the_models(trained_model):
