@@ -22,7 +22,7 @@ from model.corpus import SOURCES
 from model.dialog import SPLITS
 from model.encoding import pretraining_splits
 from model.tokenizer import END_OF_TEXT_ID, Tokenizer
-from tests.pipeline_copy import Workspace, make_workspace, stages_that_ran
+from tests.pipeline_copy import SHORT_TRAINING, Workspace, clone_workspace, make_workspace, stages_that_ran
 
 pytestmark = pytest.mark.e2e
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -279,3 +279,29 @@ def test_a_failed_stage_says_why_in_one_line_and_dvc_checkout_brings_its_outputs
     assert not failed_run["tokenizer_kept"]  # DVC removed the stage's outputs before running it
     assert failed_run["after"] == failed_run["before"]
     assert failed_run["status"] == {}
+
+
+def test_exp_show_as_the_readme_runs_it_leads_with_bits_per_byte_and_keeps_only_the_changed_param(
+        short_pipeline, tmp_path_factory):
+    """Two experiments in a clone (the shared workspace stays as it is), then the README's `dvc exp show`: in a
+    120-column terminal the experiments and the held-out bits per byte lead, with no loss, hash or manifest
+    column; in full (--md), the one param that differs is there and the others are not."""
+    workspace, _ = short_pipeline
+    clone = clone_workspace(workspace, tmp_path_factory, "experiments")
+    clone.set_params(SHORT_TRAINING)  # the clone has the params of the repository's commit
+    clone.dvc("exp", "run", "--name", "four-batches", timeout=900)
+    clone.dvc("exp", "run", "--name", "two-batches", "-S", "evaluate.eval_batches=2", timeout=900)
+    clone.env["COLUMNS"] = "120"
+    command = ("exp", "show", "--no-pager", "--only-changed", "--drop", EXP_SHOW_DROP, "--sort-by",
+               "metrics/evaluate.json:pretrain.val/wikipedia/bpb")
+    screen = "\n".join(line[:120] for line in clone.dvc(*command).splitlines())
+    header = next(line for line in screen.splitlines() if "Experiment" in line)
+    assert header.split()[1].endswith("/bpb"), header  # the first column after the experiment's name
+    assert "four-batches" in screen and "two-batches" in screen
+    table = clone.dvc(*command, "--md")
+    assert "evaluate.eval_batches" in table and "pretrain.lr" not in table
+    for hidden in ("loss", "md5", ".dir", "documents", "Created"):
+        assert hidden not in table
+
+
+EXP_SHOW_DROP = "Created|.*loss|data/|stages/|models?/|metrics/"  # as README.md writes it
