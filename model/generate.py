@@ -82,18 +82,21 @@ def logits_to_probs(logits, temperature, top_k=None, top_p=None):
 def nucleus(probs, top_p):
     """Keeps the smallest set of most likely tokens whose mass reaches top_p (at least one), renormalised.
 
-    Rows whose nucleus fits in the top NUCLEUS_CANDIDATES are sorted that far only; the others (flat
-    distributions) fully. Which way a row goes depends on that row alone.
+    The top NUCLEUS_CANDIDATES tokens of each row hold its nucleus unless the row is flat; only those
+    rows are sorted whole. Which way a row goes depends on that row alone.
     """
-    vocab = probs.shape[-1]
-    narrow = torch.topk(probs, min(NUCLEUS_CANDIDATES, vocab), dim=-1).values.sum(dim=-1) >= top_p
-    kept = torch.zeros_like(probs)
-    for rows, width in ((narrow, NUCLEUS_CANDIDATES), (~narrow, vocab)):
-        if rows.any():
-            candidates, order = torch.topk(probs[rows], min(width, vocab), dim=-1)
-            keep = candidates.cumsum(dim=-1) - candidates < top_p
-            kept[rows] = torch.zeros_like(probs[rows]).scatter(-1, order, candidates * keep)
+    candidates, order = torch.topk(probs, min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    kept = _keep_nucleus(probs, candidates, order, top_p)
+    wide = candidates.sum(dim=-1) < top_p
+    if wide.any():
+        kept[wide] = _keep_nucleus(probs[wide], *torch.sort(probs[wide], dim=-1, descending=True), top_p)
     return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def _keep_nucleus(probs, candidates, order, top_p):
+    """`probs` with only the leading `candidates` (in `order`) whose mass before them is under top_p."""
+    keep = candidates.cumsum(dim=-1) - candidates < top_p
+    return torch.zeros_like(probs).scatter(-1, order, candidates * keep)
 
 
 def draw(probs, streams):

@@ -99,9 +99,11 @@ extern "C" void linear_f32(const float* w, int64_t N, int64_t K, const float* x,
 // int8: each row of x is rounded to int8 with a scale of its own (its largest magnitude maps to 127), and
 // the products with the int8 weights are summed in int32. Integer sums are exact, so their order cannot
 // matter; the scales are applied per element. Nothing depends on the other rows.
-// x: int8 values held as int16, widened once per call rather than once per tile.
+// x: int8 values held as int16, widened once per call rather than once per tile. The exact int32 sums are
+// scaled by their row's and their column's scale on the way out.
 template <int ROWS, int COLS>
-static inline void integer_tile(const int16_t* x, const int8_t* w, int64_t K, int32_t* y, int64_t N) {
+static inline void integer_tile(const int16_t* x, const float* x_scale, const int8_t* w, const float* w_scale,
+                                int64_t K, float* y, int64_t N) {
     int32_t acc[ROWS][COLS] = {};
     int64_t k = 0;
 #ifdef __AVX2__  // 16 products a step: widen to int16, multiply and add pairs into int32 (vpmaddwd)
@@ -129,14 +131,13 @@ static inline void integer_tile(const int16_t* x, const int8_t* w, int64_t K, in
         for (int r = 0; r < ROWS; r++)
             for (int c = 0; c < COLS; c++) acc[r][c] += int32_t(x[r * K + k]) * int32_t(w[c * K + k]);
     for (int r = 0; r < ROWS; r++)
-        for (int c = 0; c < COLS; c++) y[r * N + c] = acc[r][c];
+        for (int c = 0; c < COLS; c++) y[r * N + c] = static_cast<float>(acc[r][c]) * x_scale[r] * w_scale[c];
 }
 
 extern "C" void linear_i8(const int8_t* w, const float* scale, int64_t N, int64_t K, const float* x, float* y,
                           int64_t B, int threads) {
     std::vector<int16_t> rows(B * K);
     std::vector<float> row_scale(B);
-    std::vector<int32_t> sums(B * N);
     for (int64_t b = 0; b < B; b++) {
         float largest = 0.0f;
         for (int64_t k = 0; k < K; k++) largest = std::max(largest, std::fabs(x[b * K + k]));
@@ -144,20 +145,20 @@ extern "C" void linear_i8(const int8_t* w, const float* scale, int64_t N, int64_
         float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
         for (int64_t k = 0; k < K; k++) rows[b * K + k] = static_cast<int16_t>(std::nearbyint(x[b * K + k] * inverse));
     }
+    const int16_t* xq = rows.data();
+    const float* xs = row_scale.data();
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n += 2) {
-        int32_t* out = sums.data();
         if (n + 2 <= N) {
             int64_t b = 0;
-            for (; b + 4 <= B; b += 4) integer_tile<4, 2>(rows.data() + b * K, w + n * K, K, out + b * N + n, N);
-            for (; b < B; b++) integer_tile<1, 2>(rows.data() + b * K, w + n * K, K, out + b * N + n, N);
+            for (; b + 4 <= B; b += 4) integer_tile<4, 2>(xq + b * K, xs + b, w + n * K, scale + n, K, y + b * N + n, N);
+            for (; b < B; b++) integer_tile<1, 2>(xq + b * K, xs + b, w + n * K, scale + n, K, y + b * N + n, N);
         } else {
             for (int64_t c = n; c < N; c++)
-                for (int64_t b = 0; b < B; b++) integer_tile<1, 1>(rows.data() + b * K, w + c * K, K, out + b * N + c, N);
+                for (int64_t b = 0; b < B; b++)
+                    integer_tile<1, 1>(xq + b * K, xs + b, w + c * K, scale + c, K, y + b * N + c, N);
         }
     }
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t n = 0; n < N; n++) y[b * N + n] = static_cast<float>(sums[b * N + n]) * row_scale[b] * scale[n];
 }
 
 // Attention of one new token per sequence, the decode step's: for each sequence b and head h, its new

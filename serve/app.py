@@ -580,11 +580,11 @@ async def chat_completions(body: ChatRequest, request: Request):
                                 f"message; message {i} is '{message.role}'", "messages")
     if body.messages[-1].role != "user":
         raise APIError(400, "the last message must be from the user", "messages")
+    if body.max_tokens == 0:
+        raise APIError(400, "max_tokens 0 generates nothing", "max_tokens")
     texts = [message.content for message in body.messages]
     ids = await _prompt_ids(hosted, request.app.state.settings, hosted.tokenizer.chat_prompt, texts,
                             sum(map(len, texts)), "messages")
-    if body.max_tokens == 0:
-        raise APIError(400, "max_tokens 0 generates nothing", "max_tokens")
     sampling = _sampling(body, _max_tokens(body, hosted, ids, hosted.context_length), hosted.tokenizer.reply_end_ids)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return await respond(request, hosted, body, [Job(ids, sampling)], True, logprobs)

@@ -100,7 +100,7 @@ class Engine:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self.model = rowwise_model(model, precision)
-        self.tokenizer, self.max_batch = tokenizer, max_batch
+        self.tokenizer = tokenizer
         self.context_length = model.config.context_length
         self.cache = RowwiseKVCache(model.config, max_batch, self.context_length)
         self._waiting = collections.deque()

@@ -330,3 +330,25 @@ def test_a_system_message_is_refused_not_dropped(server):
                                           {"role": "user", "content": "Hi"}]}
     response = post(server, "/v1/chat/completions", json.dumps(body))
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages.0.role"
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_between_two_decode_steps(server, monkeypatch):
+    """The README's promise: a long prompt delays the others' next token by one chunk at most. The model's
+    forward passes are recorded (tokens per row) while one generation decodes and a long prompt arrives."""
+    from serve.engine import PREFILL_CHUNK
+
+    engine = server.app.state.models["base"].engine
+    passes, forward = [], engine.model.forward
+    monkeypatch.setattr(engine.model, "forward",
+                        lambda tokens, **kwargs: passes.append(tokens.shape[1]) or forward(tokens, **kwargs))
+    decoding = {"model": "base", "prompt": "Rivers", "max_tokens": 120, "min_tokens": 120, "temperature": 0}
+    long_prompt = {"model": "base", "prompt": list(range(10, 120)), "max_tokens": 1}  # 110 token ids: 4 chunks
+    with httpx.stream("POST", server.url + "/v1/completions", json={**decoding, "stream": True}, timeout=60) as reply:
+        lines = reply.iter_lines()
+        next(lines)  # decoding has begun
+        scored = post(server, "/v1/completions", json.dumps(long_prompt))
+        assert scored.status_code == 200 and scored.json()["usage"]["prompt_tokens"] > 3 * PREFILL_CHUNK
+        list(lines)
+    chunks = [i for i, width in enumerate(passes) if width > 1]
+    assert len(chunks) >= 4 and all(width <= PREFILL_CHUNK for width in passes)
+    assert all(later - earlier > 1 for earlier, later in zip(chunks[1:], chunks[2:]))  # a decode step between
