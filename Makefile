@@ -4,13 +4,18 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test profile ryangpt bench
+.PHONY: setup repro test llamacpp profile ryangpt bench
 
-setup: $(VENV)/.installed node_modules/.installed
+setup: $(VENV)/.installed node_modules/.installed $(VENV)/llama.cpp/VERSION
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+# llama.cpp's converter for the gguf stage, from the pinned llama-cpp-python source distribution on PyPI.
+$(VENV)/llama.cpp/VERSION: $(VENV)/.installed model/llamacpp.py
+	$(BIN)/python -m model.llamacpp
 	touch $@
 
 # The plots page's JavaScript (vega, from the npm registry), so `dvc plots show` renders offline.
@@ -23,6 +28,11 @@ repro: setup
 
 test: setup
 	python -m pytest -q tests
+
+# llama.cpp itself (llama-cpp-python, built from the converter's source distribution, for any x86-64 CPU:
+# a build for the native CPU crashes on some), for the GGUF tests; about 10 minutes on 2 cores.
+llamacpp: setup
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet $(VENV)/llama.cpp/llama_cpp_python-*.tar.gz
 
 # Switch params.yaml to a profile of configs/ (`make profile NAME=ryangpt-fast`); `dvc params diff` then
 # shows what changed and `git checkout params.yaml` switches back to the sample profile. Local edits of

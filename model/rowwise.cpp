@@ -209,3 +209,75 @@ extern "C" void rms_norm(const float* weight, int64_t D, float eps, const float*
         for (int64_t d = 0; d < D; d++) y[b * D + d] = row[d] * inverse * weight[d];
     }
 }
+
+// The whole decode step: one new token for each of B sequences, through every layer to the logits, in one
+// call (from Python, the same step costs some forty module calls and as many small tensors per token).
+// It is the model's forward pass (model/gpt.py) for one token with a cache, built from the kernels above,
+// so every row stays independent of the others.
+// layers: per layer the addresses of attn_norm, q, k, v, o, mlp_norm, gate, up, down (a linear layer's
+// weight then its int8 scale, 0 for fp32); head: final norm, lm_head weight, lm_head scale.
+// keys, values: the cache, (layers, cache rows, H, L, D); rope_cos, rope_sin: (L, D).
+struct Projection {
+    const void* weight;
+    const float* scale;
+};
+
+static void project(Projection p, int64_t N, int64_t K, const float* x, float* y, int64_t B, int threads) {
+    if (p.scale) linear_i8(static_cast<const int8_t*>(p.weight), p.scale, N, K, x, y, B, threads);
+    else linear_f32(static_cast<const float*>(p.weight), N, K, x, y, B, threads);
+}
+
+static void rotate(float* x, const float* cos, const float* sin, int64_t D) {  // apply_rope, one head
+    int64_t half = D / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float first = x[i], second = x[i + half];
+        x[i] = first * cos[i] + -second * sin[i];
+        x[i + half] = second * cos[i + half] + first * sin[i + half];
+    }
+}
+
+extern "C" void decode_step(const int64_t* layers, const int64_t* head, const float* embed, int64_t n_layers,
+                            int64_t width, int64_t heads, int64_t hidden, int64_t vocab, float eps,
+                            const float* rope_cos, const float* rope_sin, const int64_t* tokens, const int64_t* rows,
+                            const int64_t* positions, int64_t B, float* keys, float* values, int64_t cache_rows,
+                            int64_t L, float* logits, int threads) {
+    const int64_t D = width / heads;
+    auto projection = [](const int64_t* entry) {
+        return Projection{reinterpret_cast<const void*>(entry[0]), reinterpret_cast<const float*>(entry[1])};
+    };
+    std::vector<float> x(B * width), normed(B * width), q(B * width), k(B * width), v(B * width),
+        attended(B * width), update(B * width), gate(B * hidden), up(B * hidden);
+    std::vector<int64_t> ends(B);
+    for (int64_t b = 0; b < B; b++) {
+        std::memcpy(&x[b * width], embed + tokens[b] * width, width * sizeof(float));
+        ends[b] = positions[b] + 1;
+    }
+    for (int64_t layer = 0; layer < n_layers; layer++) {
+        const int64_t* entry = layers + layer * 16;  // norm, q (2), k (2), v (2), o (2), norm, gate (2), up (2), down (2)
+        rms_norm(reinterpret_cast<const float*>(entry[0]), width, eps, x.data(), normed.data(), B);
+        project(projection(entry + 1), width, width, normed.data(), q.data(), B, threads);
+        project(projection(entry + 3), width, width, normed.data(), k.data(), B, threads);
+        project(projection(entry + 5), width, width, normed.data(), v.data(), B, threads);
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t h = 0; h < heads; h++) {
+                const float* cos = rope_cos + positions[b] * D;
+                const float* sin = rope_sin + positions[b] * D;
+                rotate(&q[(b * heads + h) * D], cos, sin, D);
+                rotate(&k[(b * heads + h) * D], cos, sin, D);
+            }
+        int64_t layer_offset = layer * cache_rows * heads * L * D;
+        decode_attention(q.data(), k.data(), v.data(), keys + layer_offset, values + layer_offset, rows,
+                         ends.data(), attended.data(), B, heads, L, D, 1.0f / std::sqrt(static_cast<float>(D)),
+                         threads);
+        project(projection(entry + 7), width, width, attended.data(), update.data(), B, threads);
+        for (int64_t i = 0; i < B * width; i++) x[i] += update[i];
+        rms_norm(reinterpret_cast<const float*>(entry[9]), width, eps, x.data(), normed.data(), B);
+        project(projection(entry + 10), hidden, width, normed.data(), gate.data(), B, threads);
+        project(projection(entry + 12), hidden, width, normed.data(), up.data(), B, threads);
+        for (int64_t i = 0; i < B * hidden; i++) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+        project(projection(entry + 14), width, hidden, gate.data(), update.data(), B, threads);
+        for (int64_t i = 0; i < B * width; i++) x[i] += update[i];
+    }
+    rms_norm(reinterpret_cast<const float*>(head[0]), width, eps, x.data(), normed.data(), B);
+    project(projection(head + 1), vocab, width, normed.data(), logits, B, threads);
+}

@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 
 from model.errors import PipelineError
-from model.gpt import KVCache
 
 SOURCE = Path(__file__).with_name("rowwise.cpp")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
@@ -76,6 +75,7 @@ def _build():
     lib.linear_i8.argtypes = [pointer, pointer, size, size, pointer, pointer, size, ctypes.c_int]
     lib.decode_attention.argtypes = [pointer] * 8 + [size] * 4 + [ctypes.c_float, ctypes.c_int]
     lib.rms_norm.argtypes = [pointer, size, ctypes.c_float, pointer, pointer, size]
+    lib.decode_step.argtypes = [pointer] * 3 + [size] * 5 + [ctypes.c_float] + [pointer] * 5 + [size] + [pointer] * 2 + [size] * 2 + [pointer, ctypes.c_int]
     return lib
 
 
@@ -138,23 +138,50 @@ class RowwiseRMSNorm(nn.Module):
         return out
 
 
-class RowwiseKVCache(KVCache):
-    """A KVCache whose one-token steps (decoding) store and attend in model/rowwise.cpp: one call per layer
-    for all sequences, each over its own positions in a fixed order. (The base class loops over the sequences
-    in Python, which costs more than the attention itself when many sequences decode together.)
-    Prompts, several tokens a step, go through the base class."""
+class RowwiseDecoder:
+    """The decode step of a rowwise_model, one new token per sequence, in one kernel call (model/rowwise.cpp's
+    decode_step: the model's forward pass for one token with a cache, every row independent of the others).
 
-    def attend(self, layer, rows, positions, queries, keys, values):
-        if positions.shape[1] != 1:
-            return super().attend(layer, rows, positions, queries, keys, values)
-        batch, heads, _, head_dim = queries.shape
-        queries, keys, values = (tensor.float().contiguous() for tensor in (queries, keys, values))
-        rows, ends = rows.contiguous(), (positions[:, 0] + 1).contiguous()
-        out = torch.empty_like(queries)
-        library().decode_attention(queries.data_ptr(), keys.data_ptr(), values.data_ptr(), self.keys[layer].data_ptr(),
-                                   self.values[layer].data_ptr(), rows.data_ptr(), ends.data_ptr(), out.data_ptr(),
-                                   batch, heads, self.keys.shape[3], head_dim, head_dim**-0.5, torch.get_num_threads())
-        return out
+    From Python the same step is some forty module calls and as many small tensors per token, which on a
+    small model cost as much as the arithmetic. Prompts still go through the model itself (several tokens a
+    step, per-sequence attention in KVCache), into the same `cache`.
+    """
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache  # held: the kernel reads their memory
+        config = model.config
+        self.vocab_size = config.vocab_size
+
+        def projection(linear):
+            return [linear.weight.data_ptr(), linear.scale.data_ptr() if hasattr(linear, "scale") else 0]
+
+        layers = []
+        for block in model.layers:
+            attn, mlp = block.attn, block.mlp
+            layers += [block.attn_norm.weight.data_ptr()]
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+                layers += projection(linear)
+            layers += [block.mlp_norm.weight.data_ptr()]
+            for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                layers += projection(linear)
+        self.layers = torch.tensor(layers, dtype=torch.int64)
+        self.head = torch.tensor([model.norm.weight.data_ptr(), *projection(model.lm_head)], dtype=torch.int64)
+        self.embed = model.embed.weight.detach().float().contiguous()
+        self.step = functools.partial(
+            library().decode_step, self.layers.data_ptr(), self.head.data_ptr(), self.embed.data_ptr(),
+            config.n_layers, config.d_model, config.n_heads, config.d_ff, config.vocab_size,
+            config.norm_eps, model.rope_cos.data_ptr(), model.rope_sin.data_ptr())
+        self.cache_pointers = (cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape[1],
+                               cache.keys.shape[3])
+
+    def __call__(self, tokens, rows, positions):
+        """Logits (B, vocab) of the next token of each sequence: `tokens` (B,) at `positions` (B,) of cache `rows`
+        (B,), whose earlier positions the cache holds."""
+        tokens, rows, positions = (torch.as_tensor(t, dtype=torch.int64).contiguous() for t in (tokens, rows, positions))
+        logits = torch.empty(len(tokens), self.vocab_size)
+        self.step(tokens.data_ptr(), rows.data_ptr(), positions.data_ptr(), len(tokens), *self.cache_pointers,
+                  logits.data_ptr(), torch.get_num_threads())
+        return logits
 
 
 def rowwise_model(model, precision):

@@ -2,8 +2,8 @@
 
 Each request owns a row of a shared KV cache from admission to its end. Its prompt is prefilled in
 chunks of PREFILL_CHUNK tokens, one chunk between two decode steps, so a long prompt delays the
-other requests' next tokens by one chunk at most. Once prefilled, it joins the batch: one forward
-pass per step produces the next token of every decoding request. A finished (or abandoned)
+other requests' next tokens by one chunk at most. Once prefilled, it joins the batch: one call of
+the decode kernel per step (model/rowwise.py) produces the next token of every decoding request. A finished (or abandoned)
 request leaves at once and its row is free for the next one.
 
 A request's text never depends on what else is batched: the linear layers compute every row on
@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from model.generate import Sequence, next_tokens, random_stream
-from model.rowwise import RowwiseKVCache, rowwise_model
+from model.gpt import KVCache
+from model.rowwise import RowwiseDecoder, rowwise_model
 
 log = logging.getLogger("serve")
 DEFAULT_PRECISION = "int8"
@@ -102,7 +103,8 @@ class Engine:
         self.model = rowwise_model(model, precision)
         self.tokenizer = tokenizer
         self.context_length = model.config.context_length
-        self.cache = RowwiseKVCache(model.config, max_batch, self.context_length)
+        self.cache = KVCache(model.config, max_batch, self.context_length)
+        self.decoder = RowwiseDecoder(self.model, self.cache)
         self._waiting = collections.deque()
         self._wakeup = threading.Condition()
         self._free_rows = list(range(max_batch - 1, -1, -1))
@@ -192,12 +194,10 @@ class Engine:
 
     def _decode_step(self):
         requests = self._decoding
-        tokens = torch.tensor([[request.new_ids[-1]] for request in requests])
-        positions = torch.tensor([[len(request.prompt_ids) + len(request.new_ids) - 1] for request in requests])
-        rows = torch.tensor([request.row for request in requests])
-        logits, _ = self.model(tokens, cache=self.cache, rows=rows, positions=positions)
-        for row, (request, token) in enumerate(zip(requests, next_tokens(logits[:, -1], requests))):
-            self._record_logprobs(request, logits[row, -1:], token)
+        logits = self.decoder([request.new_ids[-1] for request in requests], [request.row for request in requests],
+                              [len(request.prompt_ids) + len(request.new_ids) - 1 for request in requests])
+        for row, (request, token) in enumerate(zip(requests, next_tokens(logits, requests))):
+            self._record_logprobs(request, logits[row : row + 1], token)
             self._next_token(request, token)
 
     @staticmethod

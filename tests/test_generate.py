@@ -6,7 +6,7 @@ import torch
 
 from model.generate import Sampling, Sequence, generate, logits_to_probs, next_tokens, random_stream
 from model.gpt import KVCache
-from model.rowwise import PRECISIONS, RowwiseKVCache, RowwiseLinear, RowwiseRMSNorm, rowwise_model
+from model.rowwise import PRECISIONS, RowwiseDecoder, RowwiseLinear, RowwiseRMSNorm, rowwise_model
 from tests.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,21 +165,22 @@ def test_rowwise_linear_rows_are_bitwise_the_same_in_any_batch(precision):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_decoded_logits_of_a_row_are_bitwise_the_same_alone_and_batched(trained_model, precision):
-    """The server's way: its model, its cache (decoding attention in the kernel)."""
+    """The server's way: its model prefills, its decode kernel steps."""
     model = rowwise_model(trained_model, precision)
     sequences = [prompt(length, seed=40 + length) for length in (5, 9, 3, 12, 7)]
     with torch.no_grad():
-        cache = RowwiseKVCache(model.config, 5, CONTEXT)
+        cache = KVCache(model.config, 5, CONTEXT)
+        decoder = RowwiseDecoder(model, cache)
         for row, sequence in enumerate(sequences):
             decode(model, cache, row, sequence[:-1], 0)
-        alone = [decode(model, cache, row, sequence[-1:], len(sequence) - 1)[0]
-                 for row, sequence in enumerate(sequences)]
+
+        def step(batch):
+            return decoder([sequences[row][-1] for row in batch], batch, [len(sequences[row]) - 1 for row in batch])
+
+        alone = [step([row])[0] for row in range(len(sequences))]
         for batch in ([0, 1, 2, 3, 4], [3, 1], [4, 0, 2]):
-            logits, _ = model(torch.tensor([sequences[row][-1:] for row in batch]), cache=cache,
-                              rows=torch.tensor(batch), positions=torch.tensor([[len(sequences[row]) - 1]
-                                                                                for row in batch]))
             for b, row in enumerate(batch):
-                assert torch.equal(logits[b, 0], alone[row])
+                assert torch.equal(step(batch)[b], alone[row])
 
 
 def test_the_kernels_rms_norm_equals_torchs():
@@ -190,18 +191,18 @@ def test_the_kernels_rms_norm_equals_torchs():
     torch.testing.assert_close(RowwiseRMSNorm(norm)(rows), norm(rows), rtol=1e-5, atol=1e-6)
 
 
-def test_the_kernels_decoding_attention_equals_the_models(trained_model):
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("int8", 0.05)])
+def test_the_kernels_decode_step_equals_the_models_forward_pass(trained_model, precision, tolerance):
     sequences = [prompt(length, seed=50 + length) for length in (6, 11, 2)]
+    model = rowwise_model(trained_model, precision)
     with torch.no_grad():
-        caches = [KVCache(trained_model.config, 3, CONTEXT), RowwiseKVCache(trained_model.config, 3, CONTEXT)]
-        logits = []
-        for cache in caches:
-            for row, sequence in enumerate(sequences):
-                decode(trained_model, cache, row, sequence[:-1], 0)
-            logits.append(trained_model(torch.tensor([sequence[-1:] for sequence in sequences]), cache=cache,
-                                        rows=torch.arange(3),
-                                        positions=torch.tensor([[len(s) - 1] for s in sequences]))[0])
-    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
+        cache = KVCache(trained_model.config, 3, CONTEXT)
+        for row, sequence in enumerate(sequences):
+            decode(model, cache, row, sequence[:-1], 0)
+        logits = RowwiseDecoder(model, cache)([s[-1] for s in sequences], [0, 1, 2], [len(s) - 1 for s in sequences])
+        for row, sequence in enumerate(sequences):
+            expected = trained_model(torch.tensor([sequence]))[0][0, -1]
+            torch.testing.assert_close(logits[row], expected, rtol=0, atol=tolerance)
 
 
 # --- sampling ------------------------------------------------------------------------------------
