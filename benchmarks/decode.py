@@ -26,10 +26,13 @@ from benchmarks.report import machine_line, write_section
 from benchmarks.serve_load import PROMPT, build_export
 from model.export import load_export
 from model.generate import Sampling
+from model.gpt import KVCache
+from model.rowwise import RowwiseDecoder, rowwise_model
 from serve.engine import Engine
 
 COMMAND = ".venv/bin/python -m benchmarks.decode"
 REPEATS = 3
+KERNEL_ROWS = (1, 4, 16)
 
 
 @torch.inference_mode()
@@ -79,6 +82,19 @@ def engine_greedy(engine, prompt_ids, tokens):
     return asyncio.run(run())
 
 
+def kernel_steps(model, rows, steps=30):
+    """Tokens/s of the decode kernel alone (no sampling, no engine) stepping `rows` sequences together at
+    position 64: the ceiling of what the engine and the server can do with that many streams."""
+    decoder = RowwiseDecoder(model, KVCache(model.config, rows, model.config.context_length))
+    tokens, cache_rows, positions = [5] * rows, list(range(rows)), [64] * rows
+    for _ in range(3):
+        decoder(tokens, cache_rows, positions)
+    start = time.perf_counter()
+    for _ in range(steps):
+        decoder(tokens, cache_rows, positions)
+    return rows * steps / (time.perf_counter() - start)
+
+
 def rotate(x, cos, sin):
     first, second = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-second, first], dim=-1) * sin
@@ -124,7 +140,7 @@ def main():
                 torch.tensor([prompt]), max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
                 eos_token_id=None, pad_token_id=0)[0, len(prompt) :].tolist(),
         }
-        speeds, texts, bandwidth = {}, {}, {}
+        speeds, texts, bandwidth, kernel = {}, {}, {}, {}
         for threads in args.threads:
             torch.set_num_threads(threads)
             bandwidth[threads] = read_bandwidth()
@@ -135,6 +151,10 @@ def main():
                     for name, run in runs.items():
                         speed, texts[name] = timed(run, args.tokens)
                         speeds.setdefault((threads, name), []).append(speed)
+                for precision in ("fp32", "int8"):
+                    rowwise = rowwise_model(model, precision)
+                    for rows in KERNEL_ROWS:
+                        kernel[(threads, precision, rows)] = max(kernel_steps(rowwise, rows) for _ in range(REPEATS))
     agree = texts["ours, fp32"] == texts["plain reference, fp32"] == texts["Hugging Face generate, fp32"]
     lines = [
         f"Command: `{COMMAND} --tokens {args.tokens} --threads {' '.join(map(str, args.threads))}`. {machine_line()} "
@@ -162,6 +182,17 @@ def main():
                   f"objects). The absolute figures follow this machine's memory bandwidth: "
                   + ", ".join(f"{bandwidth[threads]:.0f} GB/s with {threads} thread(s)" for threads in args.threads)
                   + " (summing a 200 MB tensor)."]
+    lines += ["", "The decode kernel alone (`RowwiseDecoder`: one call per step, no sampling, no engine), several "
+                  "sequences decoded together at position 64, best of 3 runs of 30 steps: the ceiling for that many "
+                  "streams.", "",
+              "| torch threads | precision | " + " | ".join(f"{rows} rows (tokens/s)" for rows in KERNEL_ROWS)
+              + f" | {KERNEL_ROWS[-1]} rows / 1 row |",
+              "|---:|---|" + "---:|" * (len(KERNEL_ROWS) + 1)]
+    for threads in args.threads:
+        for precision in ("fp32", "int8"):
+            figures = [kernel[(threads, precision, rows)] for rows in KERNEL_ROWS]
+            lines.append(f"| {threads} | {precision} | " + " | ".join(f"{value:.0f}" for value in figures)
+                         + f" | {figures[-1] / figures[0]:.1f}x |")
     report = "\n".join(lines)
     print(report)
     write_section("## Decoding (in process)", report)

@@ -334,13 +334,15 @@ def test_a_system_message_is_refused_not_dropped(server):
 
 def test_a_long_prompt_is_prefilled_a_chunk_between_two_decode_steps(server, monkeypatch):
     """The README's promise: a long prompt delays the others' next token by one chunk at most. The model's
-    forward passes are recorded (tokens per row) while one generation decodes and a long prompt arrives."""
+    passes are recorded (tokens per row: prefill chunks go through the model, decode steps through the decode
+    kernel) while one generation decodes and a long prompt arrives."""
     from serve.engine import PREFILL_CHUNK
 
     engine = server.app.state.models["base"].engine
-    passes, forward = [], engine.model.forward
+    passes, forward, decoder = [], engine.model.forward, engine.decoder
     monkeypatch.setattr(engine.model, "forward",
                         lambda tokens, **kwargs: passes.append(tokens.shape[1]) or forward(tokens, **kwargs))
+    monkeypatch.setattr(engine, "decoder", lambda *step: passes.append(1) or decoder(*step))
     decoding = {"model": "base", "prompt": "Rivers", "max_tokens": 120, "min_tokens": 120, "temperature": 0}
     long_prompt = {"model": "base", "prompt": list(range(10, 120)), "max_tokens": 1}  # 110 token ids: 4 chunks
     with httpx.stream("POST", server.url + "/v1/completions", json={**decoding, "stream": True}, timeout=60) as reply:
