@@ -18,7 +18,8 @@ def main(token_dir, tokenizer_model, pretrained_dir, finetuned_dir, metrics_path
     metrics, report = {}, ["# Completions of fixed prompts", "",
                            f"seed {params.seed}, temperature {params.evaluate.temperature}, "
                            f"top-k {params.evaluate.top_k}, at most {params.evaluate.max_new_tokens} tokens", ""]
-    for name, model_dir, chat in (("pretrain", pretrained_dir, False), ("finetune", finetuned_dir, True)):
+    # Keyed by the served names (base: pretrained, chat: finetuned), short enough for `dvc exp show`.
+    for name, model_dir, chat in (("base", pretrained_dir, False), ("chat", finetuned_dir, True)):
         model = load_model(model_dir)
         check_same_vocabulary(tokenizer, tokenizer_model, model.config, model_dir)
         sizes = (model.config.context_length, params.evaluate.batch_size, params.evaluate.eval_batches)

@@ -41,7 +41,7 @@ def main(pretrained_dir, finetuned_dir, tokenizer_model, token_dir, evaluate_jso
                 "train_documents": splits["dialog_train" if chat else "train"]["documents"],
                 "vocab_size": model.config.vocab_size,
             },
-            "metrics": evaluation[stage],
+            "metrics": evaluation[name],
         }
         export_model(model, tokenizer_model, Path(out_dir) / name, name, chat, summary, generation)
 
