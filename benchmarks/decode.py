@@ -131,7 +131,7 @@ def main():
         model, _ = load_export(folder)
         hf = AutoModelForCausalLM.from_pretrained(folder).eval()
         prompt = tokenizer.document_prompt(PROMPT)
-        engines = {precision: Engine(model, tokenizer, 1, precision) for precision in ("fp32", "int8")}
+        engines = {}
         runs = {
             "ours, fp32": lambda: engine_greedy(engines["fp32"], prompt, args.tokens),
             "ours, int8": lambda: engine_greedy(engines["int8"], prompt, args.tokens),
@@ -143,6 +143,8 @@ def main():
         speeds, texts, bandwidth, kernel = {}, {}, {}, {}
         for threads in args.threads:
             torch.set_num_threads(threads)
+            # Engines made after set_num_threads: a thread takes torch's (OpenMP's) thread count when it starts.
+            engines.update({precision: Engine(model, tokenizer, 1, precision) for precision in ("fp32", "int8")})
             bandwidth[threads] = read_bandwidth()
             with torch.inference_mode():
                 for run in runs.values():

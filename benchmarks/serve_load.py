@@ -1,6 +1,6 @@
 """Serving benchmark: the HTTP server under 1, 4, 16 and 64 concurrent streaming clients.
 
-usage (from the repository root): .venv/bin/python -m benchmarks.serve_load [--tokens 128]
+usage (from the repository root): .venv/bin/python -m benchmarks.serve_load [--tokens 128] [--threads 1 2]
 
 Builds a model of the ryangpt shape (random weights: speed does not depend on them) with a 16k
 tokenizer trained on ../shared/corpus, exports it like the pipeline does, starts `python -m serve`
@@ -124,8 +124,8 @@ async def prefill_gaps(url, long_prompt, streams=15, tokens=300):
     return statistics.median(before), percentile(during, 0.99), answered - sent
 
 
-def serve_and_measure(models_dir, precision, tokens, long_prompt):
-    options = ("--max-batch", str(max(CLIENT_COUNTS)), "--precision", precision)
+def serve_and_measure(models_dir, precision, threads, tokens, long_prompt):
+    options = ("--max-batch", str(max(CLIENT_COUNTS)), "--precision", precision, "--threads", str(threads))
     with running_server(models_dir, *options) as (url, _):
         asyncio.run(load_round(url, 1, 8))  # warm-up
         rounds = [asyncio.run(load_round(url, clients, tokens)) for clients in CLIENT_COUNTS]
@@ -164,19 +164,23 @@ def context_filling_prompt(tokenizer, context_length):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="the server's --threads (its default is 1)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder, tokenizer = build_export(Path(tmp))
         long_prompt = context_filling_prompt(tokenizer, 512)
         load_before = os.getloadavg()[0]
         reference_before = hf_generate(folder, tokenizer, args.tokens)
-        measured = {precision: serve_and_measure(folder.parent, precision, args.tokens, long_prompt)
-                    for precision in ("int8", "fp32")}
+        measured = {(precision, threads): serve_and_measure(folder.parent, precision, threads, args.tokens,
+                                                            long_prompt)
+                    for threads in args.threads for precision in ("int8", "fp32")}
         reference = hf_generate(folder, tokenizer, args.tokens)
         load_after = os.getloadavg()[0]
-    rounds = {precision: results for precision, (results, _) in measured.items()}
+    rounds = {key: results for key, (results, _) in measured.items()}
     lines = [
-        f"Command: `{COMMAND} --tokens {args.tokens}`. {machine_line()} Load average (1 min) before / after: "
+        f"Command: `{COMMAND} --tokens {args.tokens} --threads {' '.join(map(str, args.threads))}`. {machine_line()} "
+        f"Load average (1 min) before / after: "
         f"{load_before:.2f} / {load_after:.2f}.",
         "",
         f"Model: the ryangpt shape (6 x 320, 5 heads, d_ff 1280, vocab 16,000, untied head: 20.1M parameters), "
@@ -184,17 +188,17 @@ def main():
         f"{REQUESTS_PER_CLIENT} requests one after the other, each exactly {args.tokens} new tokens "
         f"(`min_tokens` = `max_tokens`), temperature 0.8; `--max-batch {max(CLIENT_COUNTS)}`.",
         "",
-        "| precision | clients | tokens/s (all clients) | per stream | p50 latency (s) | p99 latency (s) | time to first token (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| server `--threads` | precision | clients | tokens/s (all clients) | per stream | p50 latency (s) | "
+        "p99 latency (s) | time to first token (s) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for precision, results in rounds.items():
+    for (precision, threads), results in rounds.items():
         for row in results:
-            lines.append(f"| {precision} | {row['clients']} | {row['tokens_per_s']:.0f} | "
+            lines.append(f"| {threads} | {precision} | {row['clients']} | {row['tokens_per_s']:.0f} | "
                          f"{row['tokens_per_s'] / row['clients']:.0f} | {row['p50']:.2f} | {row['p99']:.2f} | "
                          f"{row['ttft']:.3f} |")
-    single = {precision: results[0]["tokens_per_s"] for precision, results in rounds.items()}
-    at16 = {precision: next(r for r in results if r["clients"] == 16)["tokens_per_s"]
-            for precision, results in rounds.items()}
+    single = {key: results[0]["tokens_per_s"] for key, results in rounds.items()}
+    at16 = {key: next(r for r in results if r["clients"] == 16)["tokens_per_s"] for key, results in rounds.items()}
     lines += [
         "",
         f"Reference in the same run: Hugging Face `generate` (transformers, fp32, greedy, one stream, in this "
@@ -203,18 +207,19 @@ def main():
         "",
         "A long prompt beside 15 decoding streams (prompts are prefilled 32 tokens per step between decode steps):",
         "",
-        "| precision | median gap between chunks before (s) | p99 gap during the 511-token prefill (s) | "
-        "that request's reply time (s) |",
-        "|---|---:|---:|---:|",
+        "| server `--threads` | precision | median gap between chunks before (s) | p99 gap during the 511-token "
+        "prefill (s) | that request's reply time (s) |",
+        "|---:|---|---:|---:|---:|",
     ]
-    for precision, (_, (before, during, reply)) in measured.items():
-        lines.append(f"| {precision} | {before:.3f} | {during:.3f} | {reply:.2f} |")
-    lines += [
-        "",
-        f"Goals: the default precision (int8) over HTTP with streaming at least 2x `generate`: "
-        f"{single['int8'] / reference_before:.2f}x (fp32 {single['fp32'] / reference_before:.2f}x); 16 streams at "
-        f"least 5x one stream: int8 {at16['int8'] / single['int8']:.1f}x, fp32 {at16['fp32'] / single['fp32']:.1f}x.",
-    ]
+    for (precision, threads), (_, (before, during, reply)) in measured.items():
+        lines.append(f"| {threads} | {precision} | {before:.3f} | {during:.3f} | {reply:.2f} |")
+    lines.append("")
+    for threads in args.threads:
+        int8, fp32 = ("int8", threads), ("fp32", threads)
+        lines.append(f"Goals, server `--threads {threads}`: the default precision (int8) over HTTP with streaming at "
+                     f"least 2x `generate`: {single[int8] / reference_before:.2f}x (fp32 "
+                     f"{single[fp32] / reference_before:.2f}x); 16 streams at least 5x one stream: int8 "
+                     f"{at16[int8] / single[int8]:.1f}x, fp32 {at16[fp32] / single[fp32]:.1f}x.")
     report = "\n".join(lines)
     print(report)
     write_section("## Serving (load)", report)
