@@ -115,10 +115,15 @@ def pipeline_models(short_pipeline):
     return root, tokenizer
 
 
-def load_llama(path):
+def ours_and_llama_cpps(pipeline_models, name, outtype):
+    """(tokenizer, our model `name`, llama.cpp's Llama on its GGUF file at `outtype`)."""
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=0, n_threads=1, logits_all=True, seed=0, verbose=False)
+    root, tokenizer = pipeline_models
+    model, _ = load_export(root / "serve/models" / name)
+    llm = Llama(model_path=str(root / f"serve/gguf/{name}-{outtype}.gguf"), n_ctx=0, n_threads=1, logits_all=True,
+                seed=0, verbose=False)
+    return tokenizer, model, llm
 
 
 def greedy_with_margins(model, prompt_ids, max_tokens, stop_ids):
@@ -147,8 +152,7 @@ def assert_same_greedy(ours, margins, theirs, outtype, what):
 
 @pytest.mark.parametrize("outtype", OUTTYPES)
 def test_llama_cpp_tokenizes_plain_text_as_we_do_and_starts_documents_with_endoftext(pipeline_models, outtype):
-    root, tokenizer = pipeline_models
-    llm = load_llama(root / f"serve/gguf/base-{outtype}.gguf")
+    tokenizer, _, llm = ours_and_llama_cpps(pipeline_models, "base", outtype)
     texts = ["The quick brown fox jumps over the lazy dog.", "In 1998, 42 people paid $3.50 each!",
              "  two  spaces, a\ttab and\nnew lines\n", "Ünïcödé: naïve café, 東京, emoji 🙂", "x"]
     for text in texts:
@@ -159,9 +163,7 @@ def test_llama_cpp_tokenizes_plain_text_as_we_do_and_starts_documents_with_endof
 
 @pytest.mark.parametrize("outtype", OUTTYPES)
 def test_llama_cpp_continues_documents_with_our_greedy_tokens(pipeline_models, outtype):
-    root, tokenizer = pipeline_models
-    model, _ = load_export(root / "serve/models/base")
-    llm = load_llama(root / f"serve/gguf/base-{outtype}.gguf")
+    tokenizer, model, llm = ours_and_llama_cpps(pipeline_models, "base", outtype)
     for text in DOCUMENTS:
         prompt = tokenizer.document_prompt(text)
         ours, margins = greedy_with_margins(model, prompt, 30, tokenizer.document_end_ids)
@@ -182,9 +184,7 @@ def test_llama_cpp_continues_documents_with_our_greedy_tokens(pipeline_models, o
 
 @pytest.mark.parametrize("outtype", OUTTYPES)
 def test_llama_cpp_chats_with_our_template_and_ends_replies_where_we_do(pipeline_models, outtype):
-    root, tokenizer = pipeline_models
-    model, _ = load_export(root / "serve/models/chat")
-    llm = load_llama(root / f"serve/gguf/chat-{outtype}.gguf")
+    tokenizer, model, llm = ours_and_llama_cpps(pipeline_models, "chat", outtype)
     for turns in CONVERSATIONS:
         ours, margins = greedy_with_margins(model, tokenizer.chat_prompt(turns), 30, tokenizer.reply_end_ids)
         messages = [{"role": "assistant" if i % 2 else "user", "content": turn} for i, turn in enumerate(turns)]

@@ -35,14 +35,14 @@ pytestmark = [
 
 # In the order `dvc repro` runs them (combine takes a fraction of a second and is left out).
 KILLED = ("extract_wikipedia", "extract_c4", "extract_dialog", "build_bpe", "encode", "pretrain", "finetune",
-          "evaluate", "export")
+          "evaluate", "export", "gguf")
 TRAINING = ("pretrain", "finetune")
 # A stage other than training is killed as soon as a temporary output of it appears, or at the latest this
 # long after DVC announces it. Where the stage writes all along (streaming extraction, the token arrays, the
 # export folders) the temporary comes first; build_bpe and evaluate write in one go at their very end, so
 # they are killed early, while they compute.
 DELAY_S = {"extract_wikipedia": 3.0, "extract_c4": 3.0, "extract_dialog": 3.0, "build_bpe": 0.05, "encode": 3.0,
-           "evaluate": 0.5, "export": 3.0}
+           "evaluate": 0.5, "export": 3.0, "gguf": 3.0}
 REPRO_TIMEOUT_S = 300
 
 # Outputs holding wall-clock throughput (tokens/s, MFU on GPUs): equal after removing those values. The
