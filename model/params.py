@@ -30,7 +30,7 @@ def _require(condition, key, message):
 
 @dataclass(frozen=True)
 class WikipediaParams:
-    source: str  # hub dataset id (wikimedia/wikipedia) or a local folder in the hub's layout
+    source: str  # a local folder in the hub's layout, or a hub pin folder (data/hub/wikipedia)
     data_dir: str
     max_bytes: int
     min_chars: int
@@ -42,7 +42,7 @@ class WikipediaParams:
 
 @dataclass(frozen=True)
 class C4Params:
-    source: str  # hub dataset id (allenai/c4) or a local folder in the hub's layout
+    source: str  # a local folder in the hub's layout, or a hub pin folder (data/hub/c4)
     data_files: str
     max_bytes: int
     min_chars: int
@@ -52,7 +52,7 @@ class C4Params:
 
 @dataclass(frozen=True)
 class DialogParams:
-    source: str  # hub dataset id (roskoN/dailydialog) or a local folder holding the split zips
+    source: str  # a local folder holding the split zips, or a hub pin folder (data/hub/dailydialog)
 
 
 @dataclass(frozen=True)

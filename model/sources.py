@@ -1,5 +1,9 @@
 """Where raw data comes from: a Hugging Face hub dataset, or a local folder in the same layout.
 
+A hub dataset is named by a pin folder (`data/hub/*/hub.json`: its id, and a commit or null for the
+newest), which DVC can track as the extract stage's dep as it tracks a local folder (a hub id is not a
+path); a stage run by hand also takes a bare hub id.
+
 The same `datasets` calls read both, so the bundled sample and the tests go through exactly the
 code the hub data goes through. Before streaming, a hub id is resolved to a commit with a short
 timeout: an unreachable hub or an unknown dataset fails in seconds with a message that says how to
@@ -11,6 +15,7 @@ read that lost its connection again (20 times, 5 s apart). Neither retries the m
 times: `_with_retries`. Files are streamed one at a time, so that an error can name the file.
 """
 
+import json
 import os
 import time
 from pathlib import Path
@@ -25,6 +30,7 @@ from model.errors import PipelineError
 HUB_TIMEOUT_SECONDS = 10
 HUB_ATTEMPTS = 3  # of each metadata call and download; waits of 2 s, then 4 s, in between
 HUB_RETRY_WAIT_SECONDS = 2
+HUB_PIN = "hub.json"
 
 
 class SourceError(PipelineError, RuntimeError):
@@ -69,17 +75,40 @@ def _with_retries(call):
             time.sleep(HUB_RETRY_WAIT_SECONDS * attempt)
 
 
+def read_pin(pin, key):
+    """(hub id, commit or None) from a pin file: {"dataset": "owner/name", "revision": "<commit>" or null}."""
+    try:
+        fields = json.loads(Path(pin).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: not UTF-8, not JSON
+        raise SourceError(f"{key}: cannot read hub pin '{pin}' ({_describe(error)})") from error
+    valid = (isinstance(fields, dict) and set(fields) == {"dataset", "revision"}
+             and isinstance(fields["dataset"], str) and fields["dataset"].count("/") == 1
+             and (fields["revision"] is None or isinstance(fields["revision"], str)))
+    if not valid:
+        raise SourceError(f'{key}: hub pin \'{pin}\' must hold exactly {{"dataset": "owner/name", "revision": a '
+                          f"commit or null for the newest}}, not {json.dumps(fields)}")
+    return fields["dataset"], fields["revision"]
+
+
 def resolve(source, key):
     """Returns (where to load from, hub commit or None). `key` names the param for error messages."""
-    if not is_hub_id(source):
+    revision = None
+    pin = Path(source) / HUB_PIN
+    if pin.is_file():
+        source, revision = read_pin(pin, key)
+    elif not is_hub_id(source):
         if not Path(source).is_dir():
             raise SourceError(
                 f"{key}: local folder '{source}' does not exist. Point {key} in params.yaml at a folder "
-                f"in the hub dataset's layout, or at a hub id such as 'owner/name'."
+                f"in the hub dataset's layout, or at a hub pin folder (data/hub/...: a hub.json naming the dataset)."
             )
         return source, None
     try:
-        info = _with_retries(lambda: huggingface_hub.HfApi().dataset_info(source, timeout=HUB_TIMEOUT_SECONDS))
+        info = _with_retries(lambda: huggingface_hub.HfApi().dataset_info(source, revision=revision,
+                                                                          timeout=HUB_TIMEOUT_SECONDS))
+    except huggingface_hub.errors.RevisionNotFoundError as error:
+        raise SourceError(f"{key}: dataset '{source}' has no revision '{revision}' on the Hugging Face hub ({pin}).") \
+            from error
     except huggingface_hub.errors.RepositoryNotFoundError as error:
         raise SourceError(
             f"{key}: dataset '{source}' was not found on the Hugging Face hub. Check the id, or set {key} "
@@ -151,7 +180,7 @@ def fetch_file(source, key, filename):
         return local, None
     try:
         downloaded = _with_retries(lambda: huggingface_hub.hf_hub_download(
-            source, filename, repo_type="dataset", revision=revision))
+            path, filename, repo_type="dataset", revision=revision))
     except RemoteEntryNotFoundError as error:
         raise SourceError(f"{key}: dataset '{source}' has no file '{filename}'.") from error
     except Exception as error:

@@ -101,6 +101,40 @@ def test_stages_stream_the_ryangpt_sources_from_the_hub(hub, tmp_path, reference
     assert not list((tmp_path / "work").glob("**/.*.tmp-*"))
 
 
+def test_the_ryangpt_profiles_hub_pins_stream_the_same_as_the_hub_ids(hub, tmp_path, reference):
+    """The profile names the hub datasets by the pin folders in data/hub/ (paths DVC can track as deps)."""
+    pins = {name: REPO_ROOT / "data" / "hub" / ("dailydialog" if name == "dialog" else name) for name in HUB}
+    folder = _write_params(tmp_path / "work", pins)
+    result = run_stages(hub.environ(tmp_path), folder, *(_command(name, folder) for name in HUB))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in HUB:
+        assert _contents(folder / OUTPUTS[name]) == reference[name][0]
+        assert _manifest(folder, name)["revision"] == hub.sha(HUB[name])
+
+
+@pytest.mark.parametrize("pin, message", [
+    ({"dataset": "allenai/c4", "revision": "0" * 40}, "has no revision '0000000000000000000000000000000000000000'"),
+    ({"dataset": "allenai/c4"}, "must hold exactly"),
+    ({"dataset": "c4", "revision": None}, "must hold exactly"),
+])
+def test_a_pin_with_a_revision_the_hub_lacks_or_a_malformed_pin_is_one_clear_error(hub, tmp_path, pin, message):
+    (tmp_path / "pin").mkdir()
+    (tmp_path / "pin" / "hub.json").write_text(json.dumps(pin))
+    folder = _write_params(tmp_path / "work", {"c4": tmp_path / "pin"})
+    result = run_stages(hub.environ(tmp_path), folder, _command("c4", folder))
+    assert result.returncode != 0 and message in result.stderr and "c4.source" in result.stderr, result.stderr
+    assert not (folder / OUTPUTS["c4"]).exists()
+
+
+def test_a_pinned_revision_is_the_one_streamed(hub, tmp_path, reference):
+    (tmp_path / "pin").mkdir()
+    (tmp_path / "pin" / "hub.json").write_text(json.dumps({"dataset": HUB["c4"], "revision": hub.sha(HUB["c4"])}))
+    folder = _write_params(tmp_path / "work", {"c4": tmp_path / "pin"})
+    result = run_stages(hub.environ(tmp_path), folder, _command("c4", folder))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _contents(folder / OUTPUTS["c4"]) == reference["c4"][0]
+
+
 def test_transient_faults_are_retried_and_the_outputs_are_unchanged(hub, tmp_path, reference):
     faults = [
         # metadata calls: not retried by the libraries, retried by model/sources.py

@@ -77,3 +77,19 @@ def test_training_stages_declare_every_training_param_but_checkpoint_every(name,
     declared = set(stages()[name]["params"])
     assert {f"{name}.{f.name}" for f in fields(section_class)} - declared == {f"{name}.checkpoint_every"}
     assert "seed" in declared and name not in declared  # key by key, never the whole section
+
+
+SOURCE_SECTIONS = {"extract_wikipedia": "wikipedia", "extract_c4": "c4", "extract_dialog": "dialog"}
+
+
+@pytest.mark.parametrize("profile", ["params.yaml", *sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml"))])
+def test_every_profiles_extract_deps_are_its_sources(profile):
+    """The extract stages depend on `${SECTION.source}`, so their deps follow the profile; every profile's sources
+    must then be folders DVC can hash: a local folder, or a hub pin folder (data/hub/*/hub.json)."""
+    from model.profiles import resolve
+
+    params = yaml.safe_load((REPO_ROOT / profile).read_text()) if profile == "params.yaml" else resolve(
+        REPO_ROOT / "configs" / profile)
+    for stage, section in SOURCE_SECTIONS.items():
+        assert f"${{{section}.source}}" in stages()[stage]["deps"]
+        assert (REPO_ROOT / params[section]["source"]).is_dir(), f"{profile}: {section}.source"
