@@ -64,7 +64,7 @@ def fetch_converter(folder):
             sdist.extractall(unpacked, members=members, filter="data")
         staged = Path(tmp) / "staged"
         shutil.move(unpacked / prefix, staged)
-        # The sdist itself stays beside the converter: .ci/run builds llama-cpp-python from it for the tests.
+        # The sdist itself stays beside the converter: `make llamacpp` builds llama-cpp-python from it.
         shutil.move(Path(tmp) / sdist_name(), staged / sdist_name())
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", str(staged / "gguf-py")],
                        check=True)

@@ -424,15 +424,17 @@ class Reply:
         kind, chunk = (("chat.completion.chunk", ChatCompletionChunk) if self.chat
                        else ("text_completion", CompletionChunk))
         body = chunk(id=self.id, object=kind, created=self.created, model=self.hosted.name, choices=choices,
-                     usage=usage)
-        return f"data: {body.model_dump_json(exclude_none=self.chat)}\n\n"
+                     **({} if usage is None else {"usage": usage}))
+        # A chat chunk holds what was set: the role once, content when there is some, logprobs when asked for,
+        # and always finish_reason (null until the last), as OpenAI's do; a completion chunk holds every field.
+        return f"data: {body.model_dump_json(exclude_unset=self.chat)}\n\n"
 
     def _chunk_choice(self, index, job, run, event, first):
         if self.chat:
-            delta = ChatDelta(role="assistant" if first else None, content=event.text if first or event.text
-                              else None)
-            logprobs = self._chat_logprobs(event.logprobs) if run.logprobs is not None else None
-            return ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=event.finish_reason)
+            delta = ChatDelta(**({"role": "assistant"} if first else {}),
+                              **({"content": event.text} if first or event.text else {}))
+            logprobs = {"logprobs": self._chat_logprobs(event.logprobs)} if run.logprobs is not None else {}
+            return ChatChunkChoice(index=index, delta=delta, finish_reason=event.finish_reason, **logprobs)
         text, entries = event.text, [(entry.token, entry) for entry in event.logprobs]
         if first and job.echo_ids:
             text, entries = job.echo_text + text, self._echo_entries(job, run) + entries

@@ -143,6 +143,27 @@ def test_chat_multi_turn_and_streaming(client):
     assert text == reply.choices[0].message.content
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "Hi"}]}),
+    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "logprobs": True,
+                              "stream_options": {"include_usage": True}}),
+    ("/v1/completions", {"model": "base", "prompt": "Rivers", "logprobs": 1}),
+])
+def test_every_streamed_chunk_matches_the_schema_the_api_publishes(server, path, body):
+    """Each chunk against the chunk class that /openapi.json derives its schema from (finish_reason is required:
+    null until the last chunk)."""
+    from serve.schema import ChatCompletionChunk, CompletionChunk
+
+    chunk_class = ChatCompletionChunk if "chat" in path else CompletionChunk
+    with httpx.stream("POST", server.url + path, json={**body, "max_tokens": 12, "stream": True}, timeout=60) as reply:
+        lines = [line[len("data: "):] for line in reply.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]" and len(lines) > 2
+    for line in lines[:-1]:
+        chunk = json.loads(line)
+        chunk_class.model_validate(chunk)
+        assert all("finish_reason" in choice for choice in chunk["choices"]), line
+
+
 def test_chat_on_a_base_model_is_refused(client):
     with pytest.raises(openai.BadRequestError) as error:
         client.chat.completions.create(model="base", messages=[{"role": "user", "content": "Hi"}])
