@@ -129,7 +129,7 @@ def next_tokens(logits, sequences):
     for (temperature, top_k, top_p), rows in groups.items():
         group = logits if len(rows) == len(sequences) else logits[rows]  # (indexing costs ~0.1 ms a step)
         if temperature == 0:
-            chosen = group.numpy().argmax(axis=-1)  # numpy's: a quarter of torch's time on one row
+            chosen = group.cpu().numpy().argmax(axis=-1)  # numpy's: a quarter of torch's time on one row
         else:
             probs = logits_to_probs(group, temperature, top_k, top_p)
             chosen = draw(probs, [sequences[row].stream for row in rows])

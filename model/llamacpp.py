@@ -13,6 +13,7 @@ The chat template (which refuses a system message, as our API does), the context
 sampling defaults of generation_config.json are carried over by the converter itself.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -83,7 +84,11 @@ def check_export(folder):
                             "run `dvc repro export`")
 
 
-def convert(export_folder, out_file, outtype, chat):
+def read_export_json(folder, name):
+    return json.loads((Path(folder) / name).read_text(encoding="utf-8"))
+
+
+def convert(export_folder, out_file, outtype):
     """Writes `out_file` (GGUF, `outtype` one of OUTTYPES) from an exported Hugging Face folder."""
     import gguf  # installed by fetch_converter, so imported only once it can be there
     from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
@@ -91,6 +96,7 @@ def convert(export_folder, out_file, outtype, chat):
     if outtype not in OUTTYPES:
         raise PipelineError(f"GGUF type {outtype!r}: expected one of {', '.join(OUTTYPES)}")
     check_export(export_folder)
+    chat = read_export_json(export_folder, "pipeline.json")["chat"]
     converter = converter_folder() / "convert_hf_to_gguf.py"
     if not converter.is_file():
         raise PipelineError(f"llama.cpp's converter is not installed ({converter} is missing): run `make setup`")
@@ -119,8 +125,11 @@ def convert(export_folder, out_file, outtype, chat):
     raw.unlink()
 
 
-def modelfile(gguf_name, chat, context_length, generation):
-    """An Ollama Modelfile for the GGUF file `gguf_name` in the same folder."""
+def modelfile(export_folder, gguf_name):
+    """An Ollama Modelfile for `gguf_name`, converted from `export_folder`, in the same folder as that file."""
+    chat = read_export_json(export_folder, "pipeline.json")["chat"]
+    context_length = read_export_json(export_folder, "config.json")["max_position_embeddings"]
+    generation = read_export_json(export_folder, "generation_config.json")
     lines = [f"# ollama create NAME -f {gguf_name.removesuffix('.gguf')}.Modelfile", f"FROM ./{gguf_name}"]
     if chat:
         # Ollama's Go template of the chat format; system messages are left out (our API refuses them).

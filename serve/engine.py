@@ -3,8 +3,8 @@
 Each request owns a row of a shared KV cache from admission to its end. Its prompt is prefilled in
 chunks of PREFILL_CHUNK tokens, one chunk between two decode steps, so a long prompt delays the
 other requests' next tokens by one chunk at most. Once prefilled, it joins the batch: one call of
-the decode kernel per step (model/rowwise.py) produces the next token of every decoding request. A finished (or abandoned)
-request leaves at once and its row is free for the next one.
+the decode kernel per step (model/rowwise.py) produces the next token of every decoding request. A
+finished (or abandoned) request leaves at once and its row is free for the next one.
 
 A request's text never depends on what else is batched: the linear layers compute every row on
 its own and attention runs sequence by sequence (model/rowwise.py), the chunks of a prompt are

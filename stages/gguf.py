@@ -6,14 +6,13 @@ Writes OUT_DIR/{base,chat}-{f16,q8_0}.gguf, each with a .Modelfile beside it, al
 replaced only when every file is written.
 """
 
-import json
 from pathlib import Path
 
 from model.errors import run_stage
 from model.files import atomic_output
 from model.llamacpp import OUTTYPES, check_export, convert, modelfile
 
-MODELS = {"base": False, "chat": True}  # served name -> chat model?
+MODELS = ("base", "chat")  # the export stage's folders; each says in its pipeline.json whether it chats
 
 
 def main(models_dir, out_dir):
@@ -21,15 +20,12 @@ def main(models_dir, out_dir):
         check_export(Path(models_dir) / name)
     with atomic_output(Path(out_dir)) as tmp:
         tmp.mkdir()
-        for name, chat in MODELS.items():
-            export = Path(models_dir) / name
-            config = json.loads((export / "config.json").read_text(encoding="utf-8"))
-            generation = json.loads((export / "generation_config.json").read_text(encoding="utf-8"))
+        for name in MODELS:
             for outtype in OUTTYPES:
                 gguf_name = f"{name}-{outtype}.gguf"
-                convert(export, tmp / gguf_name, outtype, chat)
-                text = modelfile(gguf_name, chat, config["max_position_embeddings"], generation)
-                (tmp / f"{name}-{outtype}.Modelfile").write_text(text, encoding="utf-8")
+                convert(Path(models_dir) / name, tmp / gguf_name, outtype)
+                (tmp / f"{name}-{outtype}.Modelfile").write_text(modelfile(Path(models_dir) / name, gguf_name),
+                                                                  encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -108,8 +108,13 @@ def test_a_missing_or_broken_export_is_one_clear_error_and_the_previous_files_st
 # llama.cpp itself, on the short pipeline's trained models.
 
 @pytest.fixture(scope="module")
-def pipeline_models(short_pipeline):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (.ci/run installs it; README)")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make llamacpp`; README)")
+
+
+@pytest.fixture(scope="module")
+def pipeline_models(llama_cpp, short_pipeline):
+    """Skips before the short pipeline runs when llama.cpp is absent (fixtures resolve in argument order)."""
     root = short_pipeline[0].root
     tokenizer = Tokenizer(root / "serve/models/chat/tokenizer.model")
     return root, tokenizer
