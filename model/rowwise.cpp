@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <utility>
 #include <vector>
 #if defined(__AVX2__) || defined(__FMA__)
 #include <immintrin.h>
@@ -99,17 +101,55 @@ extern "C" void linear_f32(const float* w, int64_t N, int64_t K, const float* x,
 // int8: each row of x is rounded to int8 with a scale of its own (its largest magnitude maps to 127), and
 // the products with the int8 weights are summed in int32. Integer sums are exact, so their order cannot
 // matter; the scales are applied per element. Nothing depends on the other rows.
-// x: int8 values held as int16, widened once per call rather than once per tile. The exact int32 sums are
-// scaled by their row's and their column's scale on the way out.
+// The rounded rows are held as int16 (AVX2 multiplies int16 pairs), made once for every projection of the
+// same input (q, k and v; gate and up).
+struct RoundedRows {
+    std::vector<int16_t> values;
+    std::vector<float> scales;
+};
+
+static RoundedRows round_rows(const float* x, int64_t B, int64_t K) {
+    RoundedRows rounded{std::vector<int16_t>(B * K), std::vector<float>(B)};
+    for (int64_t b = 0; b < B; b++) {
+        const float* row = x + b * K;
+        int16_t* out = &rounded.values[b * K];
+        float largest = 0.0f;
+        for (int64_t k = 0; k < K; k++) largest = std::max(largest, std::fabs(row[k]));
+        rounded.scales[b] = largest / 127.0f;
+        float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
+        int64_t k = 0;
+#ifdef __AVX2__  // cvtps rounds to nearest even, as nearbyint does in the default rounding mode
+        __m256 factor = _mm256_set1_ps(inverse);
+        for (; k + 16 <= K; k += 16) {
+            __m256i low = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), factor));
+            __m256i high = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k + 8), factor));
+            // packs interleaves the 128-bit halves; the permute puts them back in order
+            __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(low, high), 0xD8);
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), packed);
+        }
+#endif
+        for (; k < K; k++) out[k] = static_cast<int16_t>(std::nearbyint(row[k] * inverse));
+    }
+    return rounded;
+}
+
+#ifdef __AVX2__
+// The sums of the lanes of four int32 vectors, in one vector.
+static inline __m128i lane_sums(__m256i a, __m256i b, __m256i c, __m256i d) {
+    __m256i pairs = _mm256_hadd_epi32(_mm256_hadd_epi32(a, b), _mm256_hadd_epi32(c, d));
+    return _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
+}
+#endif
+
+// ROWS rounded rows of x against COLS int8 rows of w.
 template <int ROWS, int COLS>
 static inline void integer_tile(const int16_t* x, const float* x_scale, const int8_t* w, const float* w_scale,
                                 int64_t K, float* y, int64_t N) {
-    int32_t acc[ROWS][COLS] = {};
+    alignas(16) int32_t acc[ROWS][COLS] = {};
     int64_t k = 0;
-#ifdef __AVX2__  // 16 products a step: widen to int16, multiply and add pairs into int32 (vpmaddwd)
-    __m256i vector_acc[ROWS][COLS];
-    for (int r = 0; r < ROWS; r++)
-        for (int c = 0; c < COLS; c++) vector_acc[r][c] = _mm256_setzero_si256();
+#ifdef __AVX2__  // 16 products a step: widen the weights to int16, multiply and add pairs into int32 (vpmaddwd)
+    __m256i vector_acc[ROWS * COLS];
+    for (int i = 0; i < ROWS * COLS; i++) vector_acc[i] = _mm256_setzero_si256();
     for (; k + 16 <= K; k += 16) {
         __m256i weights[COLS];
         for (int c = 0; c < COLS; c++)
@@ -117,15 +157,21 @@ static inline void integer_tile(const int16_t* x, const float* x_scale, const in
         for (int r = 0; r < ROWS; r++) {
             __m256i inputs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * K + k));
             for (int c = 0; c < COLS; c++)
-                vector_acc[r][c] = _mm256_add_epi32(vector_acc[r][c], _mm256_madd_epi16(inputs, weights[c]));
+                vector_acc[r * COLS + c] = _mm256_add_epi32(vector_acc[r * COLS + c], _mm256_madd_epi16(inputs, weights[c]));
         }
     }
-    for (int r = 0; r < ROWS; r++)
-        for (int c = 0; c < COLS; c++) {
+    int32_t* sums = &acc[0][0];
+    if constexpr (ROWS * COLS % 4 == 0) {
+        for (int i = 0; i < ROWS * COLS; i += 4)
+            _mm_store_si128(reinterpret_cast<__m128i*>(sums + i),
+                            lane_sums(vector_acc[i], vector_acc[i + 1], vector_acc[i + 2], vector_acc[i + 3]));
+    } else {
+        for (int i = 0; i < ROWS * COLS; i++) {
             alignas(32) int32_t lanes[8];
-            _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vector_acc[r][c]);
-            for (int lane = 0; lane < 8; lane++) acc[r][c] += lanes[lane];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), vector_acc[i]);
+            for (int lane = 0; lane < 8; lane++) sums[i] += lanes[lane];
         }
+    }
 #endif
     for (; k < K; k++)
         for (int r = 0; r < ROWS; r++)
@@ -134,31 +180,31 @@ static inline void integer_tile(const int16_t* x, const float* x_scale, const in
         for (int c = 0; c < COLS; c++) y[r * N + c] = static_cast<float>(acc[r][c]) * x_scale[r] * w_scale[c];
 }
 
-extern "C" void linear_i8(const int8_t* w, const float* scale, int64_t N, int64_t K, const float* x, float* y,
-                          int64_t B, int threads) {
-    std::vector<int16_t> rows(B * K);
-    std::vector<float> row_scale(B);
-    for (int64_t b = 0; b < B; b++) {
-        float largest = 0.0f;
-        for (int64_t k = 0; k < K; k++) largest = std::max(largest, std::fabs(x[b * K + k]));
-        row_scale[b] = largest / 127.0f;
-        float inverse = largest > 0.0f ? 127.0f / largest : 0.0f;
-        for (int64_t k = 0; k < K; k++) rows[b * K + k] = static_cast<int16_t>(std::nearbyint(x[b * K + k] * inverse));
-    }
-    const int16_t* xq = rows.data();
-    const float* xs = row_scale.data();
+// Columns in fours: four rows at a time as two 4 x 2 tiles (eight accumulators, each weight load serving
+// four rows), the rows left over one at a time against all four columns.
+static void integer_linear(const RoundedRows& x, const int8_t* w, const float* scale, int64_t N, int64_t K, float* y,
+                           int64_t B, int threads) {
+    const int16_t* xq = x.values.data();
+    const float* xs = x.scales.data();
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n += 2) {
-        if (n + 2 <= N) {
+    for (int64_t n = 0; n < N; n += 4) {
+        if (n + 4 <= N) {
             int64_t b = 0;
-            for (; b + 4 <= B; b += 4) integer_tile<4, 2>(xq + b * K, xs + b, w + n * K, scale + n, K, y + b * N + n, N);
-            for (; b < B; b++) integer_tile<1, 2>(xq + b * K, xs + b, w + n * K, scale + n, K, y + b * N + n, N);
+            for (; b + 4 <= B; b += 4)
+                for (int64_t c = n; c < n + 4; c += 2)
+                    integer_tile<4, 2>(xq + b * K, xs + b, w + c * K, scale + c, K, y + b * N + c, N);
+            for (; b < B; b++) integer_tile<1, 4>(xq + b * K, xs + b, w + n * K, scale + n, K, y + b * N + n, N);
         } else {
-            for (int64_t c = n; c < N; c++)
-                for (int64_t b = 0; b < B; b++)
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t c = n; c < N; c++)
                     integer_tile<1, 1>(xq + b * K, xs + b, w + c * K, scale + c, K, y + b * N + c, N);
         }
     }
+}
+
+extern "C" void linear_i8(const int8_t* w, const float* scale, int64_t N, int64_t K, const float* x, float* y,
+                          int64_t B, int threads) {
+    integer_linear(round_rows(x, B, K), w, scale, N, K, y, B, threads);
 }
 
 // Attention of one new token per sequence, the decode step's: for each sequence b and head h, its new
@@ -222,9 +268,15 @@ struct Projection {
     const float* scale;
 };
 
-static void project(Projection p, int64_t N, int64_t K, const float* x, float* y, int64_t B, int threads) {
-    if (p.scale) linear_i8(static_cast<const int8_t*>(p.weight), p.scale, N, K, x, y, B, threads);
-    else linear_f32(static_cast<const float*>(p.weight), N, K, x, y, B, threads);
+// y[i] = x @ the i-th projection's weight.T, for projections that read the same input (int8: rounded once).
+static void project(std::initializer_list<std::pair<Projection, float*>> outputs, int64_t N, int64_t K,
+                    const float* x, int64_t B, int threads) {
+    RoundedRows rounded;
+    if (outputs.begin()->first.scale) rounded = round_rows(x, B, K);
+    for (auto [p, y] : outputs) {
+        if (p.scale) integer_linear(rounded, static_cast<const int8_t*>(p.weight), p.scale, N, K, y, B, threads);
+        else linear_f32(static_cast<const float*>(p.weight), N, K, x, y, B, threads);
+    }
 }
 
 static void rotate(float* x, const float* cos, const float* sin, int64_t D) {  // apply_rope, one head
@@ -255,9 +307,8 @@ extern "C" void decode_step(const int64_t* layers, const int64_t* head, const fl
     for (int64_t layer = 0; layer < n_layers; layer++) {
         const int64_t* entry = layers + layer * 16;  // norm, q (2), k (2), v (2), o (2), norm, gate (2), up (2), down (2)
         rms_norm(reinterpret_cast<const float*>(entry[0]), width, eps, x.data(), normed.data(), B);
-        project(projection(entry + 1), width, width, normed.data(), q.data(), B, threads);
-        project(projection(entry + 3), width, width, normed.data(), k.data(), B, threads);
-        project(projection(entry + 5), width, width, normed.data(), v.data(), B, threads);
+        project({{projection(entry + 1), q.data()}, {projection(entry + 3), k.data()}, {projection(entry + 5), v.data()}},
+                width, width, normed.data(), B, threads);
         for (int64_t b = 0; b < B; b++)
             for (int64_t h = 0; h < heads; h++) {
                 const float* cos = rope_cos + positions[b] * D;
@@ -269,15 +320,15 @@ extern "C" void decode_step(const int64_t* layers, const int64_t* head, const fl
         decode_attention(q.data(), k.data(), v.data(), keys + layer_offset, values + layer_offset, rows,
                          ends.data(), attended.data(), B, heads, L, D, 1.0f / std::sqrt(static_cast<float>(D)),
                          threads);
-        project(projection(entry + 7), width, width, attended.data(), update.data(), B, threads);
+        project({{projection(entry + 7), update.data()}}, width, width, attended.data(), B, threads);
         for (int64_t i = 0; i < B * width; i++) x[i] += update[i];
         rms_norm(reinterpret_cast<const float*>(entry[9]), width, eps, x.data(), normed.data(), B);
-        project(projection(entry + 10), hidden, width, normed.data(), gate.data(), B, threads);
-        project(projection(entry + 12), hidden, width, normed.data(), up.data(), B, threads);
+        project({{projection(entry + 10), gate.data()}, {projection(entry + 12), up.data()}}, hidden, width,
+                normed.data(), B, threads);
         for (int64_t i = 0; i < B * hidden; i++) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-        project(projection(entry + 14), width, hidden, gate.data(), update.data(), B, threads);
+        project({{projection(entry + 14), update.data()}}, width, hidden, gate.data(), B, threads);
         for (int64_t i = 0; i < B * width; i++) x[i] += update[i];
     }
     rms_norm(reinterpret_cast<const float*>(head[0]), width, eps, x.data(), normed.data(), B);
-    project(projection(head + 1), vocab, width, normed.data(), logits, B, threads);
+    project({{projection(head + 1), logits}}, vocab, width, normed.data(), B, threads);
 }
