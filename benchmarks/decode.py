@@ -8,8 +8,11 @@ tokens after an 8-token prompt, for each torch thread count:
 - plain: a Llama-style loop written the plain way, as a reference should be: the same weights through
   F.linear, a preallocated KV cache per layer, no attention mask on one-token steps;
 - Hugging Face `generate` (transformers) on the exported folder, fp32, greedy.
-Implementations alternate, three runs each; the table gives the median and the range. Writes the
-section "## Decoding (in process)" of BENCHMARKS.md.
+Implementations alternate, three runs each; the table gives the median and the range. Then, to check
+the figures against the machine: how fast torch reads memory and reads a weight in a one-row product
+(the plain reference's step), and the decode kernel alone at 1, 4, 16 and 64 rows (where it
+saturates: the most any number of streams can get). Writes the section "## Decoding (in process)" of
+BENCHMARKS.md.
 """
 
 import argparse
