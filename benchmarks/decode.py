@@ -11,12 +11,13 @@ tokens after an 8-token prompt, for each torch thread count:
 Implementations alternate, three runs each; the table gives the median and the range. Then, to check
 the figures against the machine: how fast torch reads memory and reads a weight in a one-row product
 (the plain reference's step), and the decode kernel alone at 1, 4, 16 and 64 rows (where it
-saturates: the most any number of streams can get). Writes the section "## Decoding (in process)" of
-BENCHMARKS.md.
+saturates: the most any number of streams can get), at positions 64 and 480. Writes the section
+"## Decoding (in process)" of BENCHMARKS.md.
 """
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import tempfile
 import time
@@ -29,13 +30,13 @@ from benchmarks.report import machine_line, write_section
 from benchmarks.serve_load import PROMPT, build_export
 from model.export import load_export
 from model.generate import Sampling
-from model.gpt import KVCache
-from model.rowwise import RowwiseDecoder, rowwise_model
+from model.rowwise import RowwiseDecoder, rowwise_cache, rowwise_model
 from serve.engine import Engine
 
 COMMAND = ".venv/bin/python -m benchmarks.decode"
 REPEATS = 3
 KERNEL_ROWS = (1, 4, 16, 64)
+KERNEL_POSITIONS = (64, 480)  # a short reply, and a conversation near the end of the context
 
 
 @torch.inference_mode()
@@ -85,11 +86,11 @@ def engine_greedy(engine, prompt_ids, tokens):
     return asyncio.run(run())
 
 
-def kernel_steps(model, rows, steps=30):
+def kernel_steps(model, precision, rows, position, steps=30):
     """Tokens/s of the decode kernel alone (no sampling, no engine) stepping `rows` sequences together at
-    position 64: the ceiling of what the engine and the server can do with that many streams."""
-    decoder = RowwiseDecoder(model, KVCache(model.config, rows, model.config.context_length))
-    tokens, cache_rows, positions = [5] * rows, list(range(rows)), [64] * rows
+    `position`: the ceiling of what the engine and the server can do with that many streams."""
+    decoder = RowwiseDecoder(model, rowwise_cache(model.config, rows, model.config.context_length, precision))
+    tokens, cache_rows, positions = [5] * rows, list(range(rows)), [position] * rows
     for _ in range(3):
         decoder(tokens, cache_rows, positions)
     start = time.perf_counter()
@@ -172,7 +173,9 @@ def main():
                 for precision in ("fp32", "int8"):
                     rowwise = rowwise_model(model, precision)
                     for rows in KERNEL_ROWS:
-                        kernel[(threads, precision, rows)] = max(kernel_steps(rowwise, rows) for _ in range(REPEATS))
+                        for position in KERNEL_POSITIONS:
+                            kernel[(threads, precision, position, rows)] = max(
+                                kernel_steps(rowwise, precision, rows, position) for _ in range(REPEATS))
     agree = texts["ours, fp32"] == texts["plain reference, fp32"] == texts["Hugging Face generate, fp32"]
     lines = [
         f"Command: `{COMMAND} --tokens {args.tokens} --threads {' '.join(map(str, args.threads))}`. {machine_line()} "
@@ -205,16 +208,15 @@ def main():
                   + ", ".join(f"{product[threads]:.1f} GB/s with {threads} thread(s)" for threads in args.threads)
                   + ": the plain loop's speed follows from it and its per-step overhead."]
     lines += ["", "The decode kernel alone (`RowwiseDecoder`: one call per step, no sampling, no engine), several "
-                  "sequences decoded together at position 64, best of 3 runs of 30 steps: the ceiling for that many "
-                  "streams.", "",
-              "| torch threads | precision | " + " | ".join(f"{rows} rows (tokens/s)" for rows in KERNEL_ROWS)
+                  "sequences decoded together at one position, best of 3 runs of 30 steps: the ceiling for that many "
+                  "streams (int8 keeps the KV cache in 16-bit floats, fp32 in 32-bit).", "",
+              "| torch threads | precision | position | " + " | ".join(f"{rows} rows (tokens/s)" for rows in KERNEL_ROWS)
               + " | 16 rows / 1 row | 64 rows / 1 row |",
-              "|---:|---|" + "---:|" * (len(KERNEL_ROWS) + 2)]
-    for threads in args.threads:
-        for precision in ("fp32", "int8"):
-            figures = {rows: kernel[(threads, precision, rows)] for rows in KERNEL_ROWS}
-            lines.append(f"| {threads} | {precision} | " + " | ".join(f"{value:.0f}" for value in figures.values())
-                         + f" | {figures[16] / figures[1]:.1f}x | {figures[64] / figures[1]:.1f}x |")
+              "|---:|---|---:|" + "---:|" * (len(KERNEL_ROWS) + 2)]
+    for threads, precision, position in itertools.product(args.threads, ("fp32", "int8"), KERNEL_POSITIONS):
+        figures = {rows: kernel[(threads, precision, position, rows)] for rows in KERNEL_ROWS}
+        lines.append(f"| {threads} | {precision} | {position} | " + " | ".join(f"{value:.0f}" for value in figures.values())
+                     + f" | {figures[16] / figures[1]:.1f}x | {figures[64] / figures[1]:.1f}x |")
     report = "\n".join(lines)
     print(report)
     write_section("## Decoding (in process)", report)

@@ -77,14 +77,16 @@ class KVCache:
         batched, masked product would change in the last bits with their lengths). `positions` must
         be consecutive within a sequence.
         """
-        self.keys[layer, rows[:, None], :, positions] = keys.transpose(1, 2)
-        self.values[layer, rows[:, None], :, positions] = values.transpose(1, 2)
+        self.keys[layer, rows[:, None], :, positions] = keys.transpose(1, 2).to(self.keys.dtype)
+        self.values[layer, rows[:, None], :, positions] = values.transpose(1, 2).to(self.values.dtype)
         outputs = []
         for query, own, row, end in zip(queries, positions, rows.tolist(), (positions[:, -1] + 1).tolist()):
             mask = None if len(own) == 1 else own[:, None] >= torch.arange(end, device=own.device)
-            # (1, H, ., D): with a batch dimension, CPUs get the fused kernel, twice as fast for one query.
-            outputs.append(F.scaled_dot_product_attention(query[None], self.keys[layer, row : row + 1, :, :end],
-                                                          self.values[layer, row : row + 1, :, :end], attn_mask=mask))
+            # (1, H, ., D): with a batch dimension, CPUs get the fused kernel, twice as fast for one query. The
+            # server's int8 engine keeps its cache in 16-bit floats, attended in the query's type.
+            row_keys, row_values = (cache[layer, row : row + 1, :, :end].to(query.dtype)
+                                    for cache in (self.keys, self.values))
+            outputs.append(F.scaled_dot_product_attention(query[None], row_keys, row_values, attn_mask=mask))
         return torch.cat(outputs)
 
 

@@ -37,6 +37,17 @@ static inline f8 load(const int8_t* p) {
 #endif
 }
 
+// The int8 server's KV cache holds 16-bit floats (see model/rowwise.py); F16C converts eight at a time.
+static inline f8 load(const _Float16* p) {
+#ifdef __F16C__
+    return reinterpret_cast<f8>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+    f8 v;
+    for (int lane = 0; lane < 8; lane++) v[lane] = static_cast<float>(p[lane]);
+    return v;
+#endif
+}
+
 // a * b + c, rounded once where the CPU has FMA (then everywhere in this file), else twice.
 static inline f8 multiply_add(f8 a, f8 b, f8 c) {
 #ifdef __FMA__
@@ -210,25 +221,29 @@ extern "C" void linear_i8(const int8_t* w, const float* scale, int64_t N, int64_
 // Attention of one new token per sequence, the decode step's: for each sequence b and head h, its new
 // key and value are stored at position ends[b] - 1 of its cache row rows[b], then its query attends to
 // positions 0 .. ends[b] - 1 of that row. Every sum runs in a fixed order over that sequence's own
-// positions, so nothing depends on the other sequences.
+// positions, so nothing depends on the other sequences. Cache is float or _Float16 (rounded to nearest on
+// the way in, as torch rounds the prompt's keys and values).
 // keys, values: (cache rows, H, L, D) of one layer; queries, new_keys, new_values, out: (B, H, D).
-extern "C" void decode_attention(const float* queries, const float* new_keys, const float* new_values, float* keys,
-                                 float* values, const int64_t* rows, const int64_t* ends, float* out, int64_t B,
-                                 int64_t H, int64_t L, int64_t D, float scale, int threads) {
+template <typename Cache>
+static void decode_attention(const float* queries, const float* new_keys, const float* new_values, Cache* keys,
+                             Cache* values, const int64_t* rows, const int64_t* ends, float* out, int64_t B,
+                             int64_t H, int64_t L, int64_t D, float scale, int threads) {
     #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
             const float* query = queries + (b * H + h) * D;
-            float* own_keys = keys + (rows[b] * H + h) * L * D;
-            float* own_values = values + (rows[b] * H + h) * L * D;
+            Cache* own_keys = keys + (rows[b] * H + h) * L * D;
+            Cache* own_values = values + (rows[b] * H + h) * L * D;
             int64_t length = ends[b];
-            std::memcpy(own_keys + (length - 1) * D, new_keys + (b * H + h) * D, D * sizeof(float));
-            std::memcpy(own_values + (length - 1) * D, new_values + (b * H + h) * D, D * sizeof(float));
+            for (int64_t d = 0; d < D; d++) {
+                own_keys[(length - 1) * D + d] = static_cast<Cache>(new_keys[(b * H + h) * D + d]);
+                own_values[(length - 1) * D + d] = static_cast<Cache>(new_values[(b * H + h) * D + d]);
+            }
             std::vector<float> weights(length);
             float largest = -INFINITY;
             for (int64_t j = 0; j < length; j++) {
                 float score = 0.0f;
-                tile<float, 1, 1>(query, own_keys + j * D, D, &score, 1);
+                tile<Cache, 1, 1>(query, own_keys + j * D, D, &score, 1);
                 weights[j] = score * scale;
                 largest = std::max(largest, weights[j]);
             }
@@ -239,8 +254,15 @@ extern "C" void decode_attention(const float* queries, const float* new_keys, co
             }
             float* result = out + (b * H + h) * D;
             for (int64_t d = 0; d < D; d++) result[d] = 0.0f;
-            for (int64_t j = 0; j < length; j++)
-                for (int64_t d = 0; d < D; d++) result[d] = multiply_add(weights[j], own_values[j * D + d], result[d]);
+            for (int64_t j = 0; j < length; j++) {
+                const Cache* value = own_values + j * D;
+                int64_t d = 0;
+                for (f8 weight = f8{} + weights[j]; d + 8 <= D; d += 8) {
+                    f8 sum = multiply_add(weight, load(value + d), load(result + d));
+                    std::memcpy(result + d, &sum, sizeof sum);
+                }
+                for (; d < D; d++) result[d] = multiply_add(weights[j], static_cast<float>(value[d]), result[d]);
+            }
             for (int64_t d = 0; d < D; d++) result[d] /= total;
         }
 }
@@ -262,7 +284,8 @@ extern "C" void rms_norm(const float* weight, int64_t D, float eps, const float*
 // so every row stays independent of the others.
 // layers: per layer the addresses of attn_norm, q, k, v, o, mlp_norm, gate, up, down (a linear layer's
 // weight then its int8 scale, 0 for fp32); head: final norm, lm_head weight, lm_head scale.
-// keys, values: the cache, (layers, cache rows, H, L, D); rope_cos, rope_sin: (L, D).
+// keys, values: the cache, (layers, cache rows, H, L, D), float or (half_cache) _Float16; rope_cos, rope_sin:
+// (L, D).
 struct Projection {
     const void* weight;
     const float* scale;
@@ -291,8 +314,8 @@ static void rotate(float* x, const float* cos, const float* sin, int64_t D) {  /
 extern "C" void decode_step(const int64_t* layers, const int64_t* head, const float* embed, int64_t n_layers,
                             int64_t width, int64_t heads, int64_t hidden, int64_t vocab, float eps,
                             const float* rope_cos, const float* rope_sin, const int64_t* tokens, const int64_t* rows,
-                            const int64_t* positions, int64_t B, float* keys, float* values, int64_t cache_rows,
-                            int64_t L, float* logits, int threads) {
+                            const int64_t* positions, int64_t B, void* keys, void* values, int64_t half_cache,
+                            int64_t cache_rows, int64_t L, float* logits, int threads) {
     const int64_t D = width / heads;
     auto projection = [](const int64_t* entry) {
         return Projection{reinterpret_cast<const void*>(entry[0]), reinterpret_cast<const float*>(entry[1])};
@@ -317,9 +340,15 @@ extern "C" void decode_step(const int64_t* layers, const int64_t* head, const fl
                 rotate(&k[(b * heads + h) * D], cos, sin, D);
             }
         int64_t layer_offset = layer * cache_rows * heads * L * D;
-        decode_attention(q.data(), k.data(), v.data(), keys + layer_offset, values + layer_offset, rows,
-                         ends.data(), attended.data(), B, heads, L, D, 1.0f / std::sqrt(static_cast<float>(D)),
-                         threads);
+        float scale = 1.0f / std::sqrt(static_cast<float>(D));
+        if (half_cache)
+            decode_attention(q.data(), k.data(), v.data(), static_cast<_Float16*>(keys) + layer_offset,
+                             static_cast<_Float16*>(values) + layer_offset, rows, ends.data(), attended.data(), B,
+                             heads, L, D, scale, threads);
+        else
+            decode_attention(q.data(), k.data(), v.data(), static_cast<float*>(keys) + layer_offset,
+                             static_cast<float*>(values) + layer_offset, rows, ends.data(), attended.data(), B, heads,
+                             L, D, scale, threads);
         project({{projection(entry + 7), update.data()}}, width, width, attended.data(), B, threads);
         for (int64_t i = 0; i < B * width; i++) x[i] += update[i];
         rms_norm(reinterpret_cast<const float*>(entry[9]), width, eps, x.data(), normed.data(), B);

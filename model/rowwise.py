@@ -29,10 +29,16 @@ import torch
 import torch.nn as nn
 
 from model.errors import PipelineError
+from model.gpt import KVCache
 
 SOURCE = Path(__file__).with_name("rowwise.cpp")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 PRECISIONS = ("int8", "fp32")
+# The KV cache's numbers at each precision. Decoding many long sequences reads the cache more than the
+# weights (the ryangpt shape holds 7.7 MB of fp32 keys and values per sequence at position 500, against
+# 15 MB of int8 weights shared by the whole batch), so int8 keeps them in 16-bit floats (relative error
+# 2^-11, far inside int8's); fp32 rounds nothing.
+CACHE_DTYPES = {"int8": torch.float16, "fp32": torch.float32}
 
 
 class KernelBuildError(PipelineError):
@@ -74,7 +80,7 @@ def _build():
     lib.linear_f32.argtypes = [pointer, size, size, pointer, pointer, size, ctypes.c_int]
     lib.linear_i8.argtypes = [pointer, pointer, size, size, pointer, pointer, size, ctypes.c_int]
     lib.rms_norm.argtypes = [pointer, size, ctypes.c_float, pointer, pointer, size]
-    lib.decode_step.argtypes = [pointer] * 3 + [size] * 5 + [ctypes.c_float] + [pointer] * 5 + [size] + [pointer] * 2 + [size] * 2 + [pointer, ctypes.c_int]
+    lib.decode_step.argtypes = [pointer] * 3 + [size] * 5 + [ctypes.c_float] + [pointer] * 5 + [size] + [pointer] * 2 + [size] * 3 + [pointer, ctypes.c_int]
     return lib
 
 
@@ -170,8 +176,11 @@ class RowwiseDecoder:
             library().decode_step, self.layers.data_ptr(), self.head.data_ptr(), self.embed.data_ptr(),
             config.n_layers, config.d_model, config.n_heads, config.d_ff, config.vocab_size,
             config.norm_eps, model.rope_cos.data_ptr(), model.rope_sin.data_ptr())
-        self.cache_pointers = (cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.shape[1],
-                               cache.keys.shape[3])
+        if cache.keys.dtype not in CACHE_DTYPES.values() or cache.keys.device.type != "cpu":
+            raise ValueError(f"the decode kernel reads a CPU cache of {' or '.join(map(str, CACHE_DTYPES.values()))}, "
+                             f"not {cache.keys.dtype} on {cache.keys.device}")
+        self.cache_pointers = (cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.dtype == torch.float16,
+                               cache.keys.shape[1], cache.keys.shape[3])
 
     def __call__(self, tokens, rows, positions):
         """Logits (B, vocab) of the next token of each sequence: `tokens` (B,) at `positions` (B,) of cache `rows`
@@ -181,6 +190,11 @@ class RowwiseDecoder:
         self.step(tokens.data_ptr(), rows.data_ptr(), positions.data_ptr(), len(tokens), *self.cache_pointers,
                   logits.data_ptr(), torch.get_num_threads())
         return logits
+
+
+def rowwise_cache(config, rows, length, precision):
+    """A KVCache for the decode kernel at `precision`: `rows` sequences of up to `length` tokens."""
+    return KVCache(config, rows, length, dtype=CACHE_DTYPES[precision])
 
 
 def rowwise_model(model, precision):

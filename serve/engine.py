@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.generate import Sequence, next_tokens, random_stream
-from model.gpt import KVCache
-from model.rowwise import RowwiseDecoder, rowwise_model
+from model.rowwise import RowwiseDecoder, rowwise_cache, rowwise_model
 
 log = logging.getLogger("serve")
 DEFAULT_PRECISION = "int8"
@@ -103,7 +102,7 @@ class Engine:
         self.model = rowwise_model(model, precision)
         self.tokenizer = tokenizer
         self.context_length = model.config.context_length
-        self.cache = KVCache(model.config, max_batch, self.context_length)
+        self.cache = rowwise_cache(model.config, max_batch, self.context_length, precision)
         self.decoder = RowwiseDecoder(self.model, self.cache)
         self._waiting = collections.deque()
         self._wakeup = threading.Condition()

@@ -6,7 +6,7 @@ import torch
 
 from model.generate import Sampling, Sequence, generate, logits_to_probs, next_tokens, random_stream
 from model.gpt import KVCache
-from model.rowwise import PRECISIONS, RowwiseDecoder, RowwiseLinear, RowwiseRMSNorm, rowwise_model
+from model.rowwise import PRECISIONS, RowwiseDecoder, RowwiseLinear, RowwiseRMSNorm, rowwise_cache, rowwise_model
 from tests.tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -187,7 +187,7 @@ def test_decoded_logits_of_a_row_are_bitwise_the_same_alone_and_batched(trained_
     model = rowwise_model(trained_model, precision)
     sequences = [prompt(length, seed=40 + length) for length in (5, 9, 3, 12, 7)]
     with torch.no_grad():
-        cache = KVCache(model.config, 5, CONTEXT)
+        cache = rowwise_cache(model.config, 5, CONTEXT, precision)
         decoder = RowwiseDecoder(model, cache)
         for row, sequence in enumerate(sequences):
             decode(model, cache, row, sequence[:-1], 0)
@@ -214,7 +214,7 @@ def test_the_kernels_decode_step_equals_the_models_forward_pass(trained_model, p
     sequences = [prompt(length, seed=50 + length) for length in (6, 11, 2)]
     model = rowwise_model(trained_model, precision)
     with torch.no_grad():
-        cache = KVCache(trained_model.config, 3, CONTEXT)
+        cache = rowwise_cache(trained_model.config, 3, CONTEXT, precision)  # int8: a 16-bit cache
         for row, sequence in enumerate(sequences):
             decode(model, cache, row, sequence[:-1], 0)
         logits = RowwiseDecoder(model, cache)([s[-1] for s in sequences], [0, 1, 2], [len(s) - 1 for s in sequences])
