@@ -181,6 +181,9 @@ class RowwiseDecoder:
                              f"not {cache.keys.dtype} on {cache.keys.device}")
         self.cache_pointers = (cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.dtype == torch.float16,
                                cache.keys.shape[1], cache.keys.shape[3])
+        # Torch's thread count where the decoder is made: the server calls it from a thread of its own, and
+        # a thread need not see a count set in another.
+        self.threads = torch.get_num_threads()
 
     def __call__(self, tokens, rows, positions):
         """Logits (B, vocab) of the next token of each sequence: `tokens` (B,) at `positions` (B,) of cache `rows`
@@ -188,7 +191,7 @@ class RowwiseDecoder:
         tokens, rows, positions = (torch.as_tensor(t, dtype=torch.int64).contiguous() for t in (tokens, rows, positions))
         logits = torch.empty(len(tokens), self.vocab_size)
         self.step(tokens.data_ptr(), rows.data_ptr(), positions.data_ptr(), len(tokens), *self.cache_pointers,
-                  logits.data_ptr(), torch.get_num_threads())
+                  logits.data_ptr(), self.threads)
         return logits
 
 

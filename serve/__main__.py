@@ -14,7 +14,7 @@ import uvicorn
 
 from model.rowwise import PRECISIONS
 from serve.app import BODY_SECONDS, LOOPBACK_HOSTS, MAX_BODY_BYTES, MAX_GENERATION_SECONDS, MAX_QUEUE, create_app
-from serve.engine import DEFAULT_PRECISION
+from serve.engine import DEFAULT_PRECISION, DEFAULT_THREADS
 from serve.protocol import HEADER_SECONDS, MAX_CONNECTIONS, header_timeout_protocol
 
 
@@ -48,9 +48,10 @@ def parse_args(argv=None):
                         help="int8: int8 linear weights, a quarter of the memory traffic (default); "
                              "fp32: exactly the exported weights. Either way a request's text does not depend "
                              "on the requests batched with it")
-    parser.add_argument("--threads", type=positive(int), default=1,
-                        help="torch threads for decoding (default: 1; decoding a few rows is bound by memory, and "
-                             "threads that wait on each other stall whenever another process holds a core)")
+    parser.add_argument("--threads", type=positive(int), default=DEFAULT_THREADS,
+                        help=f"torch threads for decoding (default: {DEFAULT_THREADS}; decoding a few rows is bound "
+                             "by memory, and threads that wait on each other stall whenever another process holds "
+                             "a core)")
     parser.add_argument("--api-key", default=os.environ.get("GPT_SERVE_API_KEY") or None,
                         help="required as `Authorization: Bearer KEY` on /v1 (default: $GPT_SERVE_API_KEY); "
                              "without a key /v1 is open, which only a loopback --host allows")

@@ -2,12 +2,14 @@
 
 import asyncio
 import json
+import threading
 
 import httpx
 import pytest
 import torch
 
 from serve.app import create_app
+from serve.engine import PIPELINE_FROM
 from tests.server import RunningServer
 from tests.tiny import make_exports
 
@@ -77,12 +79,13 @@ def test_same_seed_same_output_and_different_seeds_differ(client):
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
 def test_a_request_gives_the_same_text_alone_and_batched_with_others(models_dir, precision):
     """The README's promise, as a user meets it: a seeded sampled request and a greedy one, sent alone,
-    then again while six longer generations (other prompts, lengths and settings) decode beside them."""
+    then again while longer generations (other prompts, lengths and settings) decode beside them, enough
+    that the batch steps in two halves (PIPELINE_FROM)."""
     targets = [{"model": "base", "prompt": "Once upon a time", "max_tokens": 40, "min_tokens": 40,
                 "temperature": 1.0, "top_p": 0.9, "seed": 2**40 + 3},
                {"model": "base", "prompt": "The river", "max_tokens": 40, "min_tokens": 40, "temperature": 0}]
-    others = [{"model": "base", "prompt": "word " * (2 + 3 * i), "max_tokens": 90, "min_tokens": 90,
-               "temperature": 0.5 + i / 4, "seed": i} for i in range(6)]
+    others = [{"model": "base", "prompt": "word " * (2 + i), "max_tokens": 90, "min_tokens": 90,
+               "temperature": 0.5 + i / 8, "seed": i} for i in range(PIPELINE_FROM + 2)]
 
     async def texts(client, bodies):
         replies = await asyncio.gather(*(client.post("/v1/completions", json=body) for body in bodies))
@@ -232,6 +235,39 @@ def test_a_failing_generation_step_ends_its_request_and_the_model_keeps_serving(
     assert "injected" not in failed.text
     served = post(server, "/v1/completions", json.dumps({"model": "base", "prompt": "Hi", "max_tokens": 4}))
     assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 4
+
+
+def test_a_kernel_failure_while_the_batch_steps_in_halves_ends_what_is_in_flight_and_serving_goes_on(
+        server, monkeypatch):
+    """From PIPELINE_FROM requests on, the decode kernel runs on a thread of its own: a failure there reaches
+    the requests in flight as one on the engine's thread does, and the next full batch decodes normally."""
+    engine = server.app.state.models["base"].engine
+    if not engine._steps_in_halves:
+        pytest.skip("the kernel's threads take every core here, so the batch never steps in halves")
+    decoder, failed_on = engine.decoder, []
+
+    def fail_once_on_the_kernels_thread(*step):
+        if not failed_on and threading.current_thread().name == "decode-kernel":
+            failed_on.append(len(step[0]))
+            raise RuntimeError("injected failure")
+        return decoder(*step)
+
+    monkeypatch.setattr(engine, "decoder", fail_once_on_the_kernels_thread)
+    body = {"model": "base", "prompt": "Hi", "max_tokens": 30, "min_tokens": 30}
+
+    async def batch():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            replies = await asyncio.gather(*(client.post("/v1/completions", json={**body, "seed": i})
+                                             for i in range(PIPELINE_FROM + 2)))
+        return [(reply.status_code, reply.json()) for reply in replies]
+
+    first = asyncio.run(batch())
+    assert failed_on and failed_on[0] >= PIPELINE_FROM // 2
+    assert {status for status, _ in first} <= {200, 500} and 500 in {status for status, _ in first}
+    assert all(reply["error"]["code"] == "generation_failed" for status, reply in first if status == 500)
+    second = asyncio.run(batch())
+    assert [status for status, _ in second] == [200] * (PIPELINE_FROM + 2)
+    assert all(reply["usage"]["completion_tokens"] == 30 for _, reply in second)
 
 
 # --- the fields evaluation tools rely on ---------------------------------------------------------
