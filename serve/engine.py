@@ -191,9 +191,12 @@ class Engine:
                         self._wakeup.wait()
                 try:
                     self._admit()
-                    if self._prefilling:
+                    halves = self._steps_in_halves and len(self._decoding) >= PIPELINE_FROM
+                    # In halves, a request steps every other half step: so does prefilling, to keep one chunk
+                    # at most between two tokens of a request.
+                    if self._prefilling and not (halves and self._half_steps % 2):
                         self._prefill_chunk(self._prefilling[0])
-                    if self._steps_in_halves and len(self._decoding) >= PIPELINE_FROM:
+                    if halves:
                         self._half_step()
                     elif self._decoding:
                         self._sample()  # a half left from when the batch was larger

@@ -389,25 +389,39 @@ def test_a_system_message_is_refused_not_dropped(server):
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages.0.role"
 
 
-def test_a_long_prompt_is_prefilled_a_chunk_between_two_decode_steps(server, monkeypatch):
-    """The README's promise: a long prompt delays the others' next token by one chunk at most. The model's
-    passes are recorded (tokens per row: prefill chunks go through the model, decode steps through the decode
-    kernel) while one generation decodes and a long prompt arrives."""
+@pytest.mark.parametrize("streams", [1, PIPELINE_FROM + 2])
+def test_a_long_prompt_is_prefilled_a_chunk_between_two_decode_steps(server, monkeypatch, streams):
+    """The README's promise: a long prompt delays the others' next token by one chunk at most, whether the
+    batch steps whole or (PIPELINE_FROM requests and more) in halves. The model's passes are recorded (prefill
+    chunks go through the model, decode steps through the decode kernel, with the cache rows they step) while
+    generations decode and a long prompt arrives."""
     from serve.engine import PREFILL_CHUNK
 
     engine = server.app.state.models["base"].engine
     passes, forward, decoder = [], engine.model.forward, engine.decoder
     monkeypatch.setattr(engine.model, "forward",
-                        lambda tokens, **kwargs: passes.append(tokens.shape[1]) or forward(tokens, **kwargs))
-    monkeypatch.setattr(engine, "decoder", lambda *step: passes.append(1) or decoder(*step))
+                        lambda tokens, **kwargs: passes.append(("chunk", tokens.shape[1])) or forward(tokens, **kwargs))
+    monkeypatch.setattr(engine, "decoder", lambda *step: passes.append(("step", tuple(step[1]))) or decoder(*step))
     decoding = {"model": "base", "prompt": "Rivers", "max_tokens": 120, "min_tokens": 120, "temperature": 0}
     long_prompt = {"model": "base", "prompt": list(range(10, 120)), "max_tokens": 1}  # 110 token ids: 4 chunks
-    with httpx.stream("POST", server.url + "/v1/completions", json={**decoding, "stream": True}, timeout=60) as reply:
-        lines = reply.iter_lines()
-        next(lines)  # decoding has begun
-        scored = post(server, "/v1/completions", json.dumps(long_prompt))
-        assert scored.status_code == 200 and scored.json()["usage"]["prompt_tokens"] > 3 * PREFILL_CHUNK
-        list(lines)
-    chunks = [i for i, width in enumerate(passes) if width > 1]
-    assert len(chunks) >= 4 and all(width <= PREFILL_CHUNK for width in passes)
-    assert all(later - earlier > 1 for earlier, later in zip(chunks[1:], chunks[2:]))  # a decode step between
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            background = asyncio.gather(*(client.post("/v1/completions", json=decoding) for _ in range(streams)))
+            while engine.in_flight() < streams or engine._prefilling:
+                await asyncio.sleep(0.01)
+            scored = await client.post("/v1/completions", json=long_prompt)
+            assert [reply.status_code for reply in await background] == [200] * streams
+            return scored
+
+    scored = asyncio.run(run())
+    assert scored.status_code == 200 and scored.json()["usage"]["prompt_tokens"] > 3 * PREFILL_CHUNK
+    assert sum(kind == "chunk" and width > 1 for kind, width in passes) >= 4
+    assert all(width <= PREFILL_CHUNK for kind, width in passes if kind == "chunk")
+    chunks_since = {}  # cache row: chunks since its last decode step
+    for kind, what in passes:
+        if kind == "chunk":
+            chunks_since = {row: count + 1 for row, count in chunks_since.items()}
+        else:
+            assert all(chunks_since.get(row, 0) <= 1 for row in what), "two chunks between two tokens of a request"
+            chunks_since.update({row: 0 for row in what})
