@@ -1,4 +1,5 @@
-"""Continuous batching: one thread per model decodes every active request together.
+"""Continuous batching: one thread per model decodes every active request together (with a second
+thread for the decode kernel when the batch steps in halves, below).
 
 Each request owns a row of a shared KV cache from admission to its end. Its prompt is prefilled in
 chunks of PREFILL_CHUNK tokens, one chunk between two decode steps, so a long prompt delays the
