@@ -12,7 +12,7 @@
 #include <initializer_list>
 #include <utility>
 #include <vector>
-#if defined(__AVX2__) || defined(__FMA__)
+#if defined(__AVX2__) || defined(__FMA__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -37,16 +37,30 @@ static inline f8 load(const int8_t* p) {
 #endif
 }
 
-// The int8 server's KV cache holds 16-bit floats (see model/rowwise.py); F16C converts eight at a time.
-static inline f8 load(const _Float16* p) {
+// The int8 server's KV cache holds IEEE half floats (see model/rowwise.py). F16C converts them where the CPU
+// has it (every AVX2 CPU; the bits are kept as uint16_t, so compilers without _Float16 on x86, such as g++ 11,
+// build this too); elsewhere the compiler's _Float16 does. Both round to nearest even, as torch does.
 #ifdef __F16C__
+typedef uint16_t half;
+static inline float widen(half h) { return _cvtsh_ss(h); }
+static inline half to_half(float x) { return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT); }
+static inline f8 load(const half* p) {
     return reinterpret_cast<f8>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#else
-    f8 v;
-    for (int lane = 0; lane < 8; lane++) v[lane] = static_cast<float>(p[lane]);
-    return v;
-#endif
 }
+#else
+typedef _Float16 half;
+static inline float widen(half h) { return static_cast<float>(h); }
+static inline half to_half(float x) { return static_cast<half>(x); }
+static inline f8 load(const half* p) {
+    f8 v;
+    for (int lane = 0; lane < 8; lane++) v[lane] = widen(p[lane]);
+    return v;
+}
+#endif
+static inline float widen(float x) { return x; }
+static inline float widen(int8_t x) { return static_cast<float>(x); }
+static inline float narrow(float x, float*) { return x; }  // to a cache element of the pointer's type
+static inline half narrow(float x, half*) { return to_half(x); }
 
 // a * b + c, rounded once where the CPU has FMA (then everywhere in this file), else twice.
 static inline f8 multiply_add(f8 a, f8 b, f8 c) {
@@ -83,7 +97,7 @@ static inline void tile(const float* x, const W* w, int64_t K, float* y, int64_t
         for (int c = 0; c < COLS; c++) {
             f8 a = acc[r][c];
             for (int lane = 0; k + lane < K; lane++)
-                a[lane] = multiply_add(x[r * K + k + lane], static_cast<float>(w[c * K + k + lane]), a[lane]);
+                a[lane] = multiply_add(x[r * K + k + lane], widen(w[c * K + k + lane]), a[lane]);
             y[r * N + c] = ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
         }
 }
@@ -221,7 +235,7 @@ extern "C" void linear_i8(const int8_t* w, const float* scale, int64_t N, int64_
 // Attention of one new token per sequence, the decode step's: for each sequence b and head h, its new
 // key and value are stored at position ends[b] - 1 of its cache row rows[b], then its query attends to
 // positions 0 .. ends[b] - 1 of that row. Every sum runs in a fixed order over that sequence's own
-// positions, so nothing depends on the other sequences. Cache is float or _Float16 (rounded to nearest on
+// positions, so nothing depends on the other sequences. Cache is float or half (rounded to nearest on
 // the way in, as torch rounds the prompt's keys and values).
 // keys, values: (cache rows, H, L, D) of one layer; queries, new_keys, new_values, out: (B, H, D).
 template <typename Cache>
@@ -236,8 +250,8 @@ static void decode_attention(const float* queries, const float* new_keys, const 
             Cache* own_values = values + (rows[b] * H + h) * L * D;
             int64_t length = ends[b];
             for (int64_t d = 0; d < D; d++) {
-                own_keys[(length - 1) * D + d] = static_cast<Cache>(new_keys[(b * H + h) * D + d]);
-                own_values[(length - 1) * D + d] = static_cast<Cache>(new_values[(b * H + h) * D + d]);
+                own_keys[(length - 1) * D + d] = narrow(new_keys[(b * H + h) * D + d], own_keys);
+                own_values[(length - 1) * D + d] = narrow(new_values[(b * H + h) * D + d], own_values);
             }
             std::vector<float> weights(length);
             float largest = -INFINITY;
@@ -261,7 +275,7 @@ static void decode_attention(const float* queries, const float* new_keys, const 
                     f8 sum = multiply_add(weight, load(value + d), load(result + d));
                     std::memcpy(result + d, &sum, sizeof sum);
                 }
-                for (; d < D; d++) result[d] = multiply_add(weights[j], static_cast<float>(value[d]), result[d]);
+                for (; d < D; d++) result[d] = multiply_add(weights[j], widen(value[d]), result[d]);
             }
             for (int64_t d = 0; d < D; d++) result[d] /= total;
         }
@@ -284,7 +298,7 @@ extern "C" void rms_norm(const float* weight, int64_t D, float eps, const float*
 // so every row stays independent of the others.
 // layers: per layer the addresses of attn_norm, q, k, v, o, mlp_norm, gate, up, down (a linear layer's
 // weight then its int8 scale, 0 for fp32); head: final norm, lm_head weight, lm_head scale.
-// keys, values: the cache, (layers, cache rows, H, L, D), float or (half_cache) _Float16; rope_cos, rope_sin:
+// keys, values: the cache, (layers, cache rows, H, L, D), float or (half_cache) half; rope_cos, rope_sin:
 // (L, D).
 struct Projection {
     const void* weight;
@@ -342,8 +356,8 @@ extern "C" void decode_step(const int64_t* layers, const int64_t* head, const fl
         int64_t layer_offset = layer * cache_rows * heads * L * D;
         float scale = 1.0f / std::sqrt(static_cast<float>(D));
         if (half_cache)
-            decode_attention(q.data(), k.data(), v.data(), static_cast<_Float16*>(keys) + layer_offset,
-                             static_cast<_Float16*>(values) + layer_offset, rows, ends.data(), attended.data(), B,
+            decode_attention(q.data(), k.data(), v.data(), static_cast<half*>(keys) + layer_offset,
+                             static_cast<half*>(values) + layer_offset, rows, ends.data(), attended.data(), B,
                              heads, L, D, scale, threads);
         else
             decode_attention(q.data(), k.data(), v.data(), static_cast<float*>(keys) + layer_offset,
