@@ -17,24 +17,11 @@
 #endif
 
 typedef float f8 __attribute__((vector_size(32)));
-typedef int8_t i8x8 __attribute__((vector_size(8)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
 
 static inline f8 load(const float* p) {
     f8 v;
     std::memcpy(&v, p, sizeof v);
     return v;
-}
-
-static inline f8 load(const int8_t* p) {
-#ifdef __AVX2__  // the generic conversion below compiles to one byte at a time
-    __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    return reinterpret_cast<f8>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
-#else
-    i8x8 v;
-    std::memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(__builtin_convertvector(v, i32x8), f8);
-#endif
 }
 
 // The int8 server's KV cache holds IEEE half floats (see model/rowwise.py). F16C converts them where the CPU
@@ -43,24 +30,23 @@ static inline f8 load(const int8_t* p) {
 #ifdef __F16C__
 typedef uint16_t half;
 static inline float widen(half h) { return _cvtsh_ss(h); }
-static inline half to_half(float x) { return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT); }
+static inline half narrow(float x, half*) { return _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT); }
 static inline f8 load(const half* p) {
     return reinterpret_cast<f8>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 #else
 typedef _Float16 half;
 static inline float widen(half h) { return static_cast<float>(h); }
-static inline half to_half(float x) { return static_cast<half>(x); }
+static inline half narrow(float x, half*) { return static_cast<half>(x); }
 static inline f8 load(const half* p) {
     f8 v;
     for (int lane = 0; lane < 8; lane++) v[lane] = widen(p[lane]);
     return v;
 }
 #endif
+// widen: a cache element as a float; narrow: a float as an element of the cache the pointer points into.
 static inline float widen(float x) { return x; }
-static inline float widen(int8_t x) { return static_cast<float>(x); }
-static inline float narrow(float x, float*) { return x; }  // to a cache element of the pointer's type
-static inline half narrow(float x, half*) { return to_half(x); }
+static inline float narrow(float x, float*) { return x; }
 
 // a * b + c, rounded once where the CPU has FMA (then everywhere in this file), else twice.
 static inline f8 multiply_add(f8 a, f8 b, f8 c) {
@@ -80,7 +66,7 @@ static inline float multiply_add(float a, float b, float c) {
 #endif
 }
 
-// ROWS rows of x against COLS rows of w: each weight load serves ROWS rows.
+// ROWS rows of x against COLS rows of w (float weights, or a KV cache's keys): each load of w serves ROWS rows.
 template <typename W, int ROWS, int COLS>
 static inline void tile(const float* x, const W* w, int64_t K, float* y, int64_t N) {
     f8 acc[ROWS][COLS] = {};
@@ -102,25 +88,20 @@ static inline void tile(const float* x, const W* w, int64_t K, float* y, int64_t
         }
 }
 
-template <typename W>
-static void linear(const float* x, const W* w, float* y, int64_t B, int64_t K, int64_t N, int threads) {
+// The weight's arguments come first, so that Python can bind them once per layer.
+extern "C" void linear_f32(const float* w, int64_t N, int64_t K, const float* x, float* y, int64_t B,
+                           int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n += 4) {
         if (n + 4 <= N) {
             int64_t b = 0;
-            for (; b + 4 <= B; b += 4) tile<W, 4, 4>(x + b * K, w + n * K, K, y + b * N + n, N);
-            for (; b < B; b++) tile<W, 1, 4>(x + b * K, w + n * K, K, y + b * N + n, N);
+            for (; b + 4 <= B; b += 4) tile<float, 4, 4>(x + b * K, w + n * K, K, y + b * N + n, N);
+            for (; b < B; b++) tile<float, 1, 4>(x + b * K, w + n * K, K, y + b * N + n, N);
         } else {
             for (int64_t c = n; c < N; c++)
-                for (int64_t b = 0; b < B; b++) tile<W, 1, 1>(x + b * K, w + c * K, K, y + b * N + c, N);
+                for (int64_t b = 0; b < B; b++) tile<float, 1, 1>(x + b * K, w + c * K, K, y + b * N + c, N);
         }
     }
-}
-
-// The weight's arguments come first, so that Python can bind them once per layer.
-extern "C" void linear_f32(const float* w, int64_t N, int64_t K, const float* x, float* y, int64_t B,
-                           int threads) {
-    linear<float>(x, w, y, B, K, N, threads);
 }
 
 // int8: each row of x is rounded to int8 with a scale of its own (its largest magnitude maps to 127), and

@@ -45,8 +45,8 @@ def parse_args(argv=None):
     parser.add_argument("--models-dir", default="serve/models", help="folder of exported model folders")
     parser.add_argument("--max-batch", type=positive(int), default=16, help="requests decoded together per model")
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
-                        help="int8: int8 linear weights, a quarter of the memory traffic (default); "
-                             "fp32: exactly the exported weights. Either way a request's text does not depend "
+                        help="int8: int8 linear weights, a quarter of the memory traffic, and a 16-bit KV cache "
+                             "(default); fp32: exactly the exported weights, nothing rounded. Either way a request's text does not depend "
                              "on the requests batched with it")
     parser.add_argument("--threads", type=positive(int), default=DEFAULT_THREADS,
                         help=f"torch threads for decoding (default: {DEFAULT_THREADS}; decoding a few rows is bound "

@@ -24,7 +24,6 @@ import collections
 import concurrent.futures
 import logging
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -112,28 +111,6 @@ def _unsafe_tail(text, stops):
     return longest
 
 
-class KernelThread:
-    """Calls functions on a daemon thread of its own and returns their futures: the decode kernel, which lets
-    go of Python's lock, works there while the engine's thread samples."""
-
-    def __init__(self):
-        self._calls = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="decode-kernel", daemon=True).start()
-
-    def submit(self, function, *args):
-        future = concurrent.futures.Future()
-        self._calls.put((future, function, args))
-        return future
-
-    def _serve(self):
-        while True:
-            future, function, args = self._calls.get()
-            try:
-                future.set_result(function(*args))
-            except BaseException as error:  # raised on the engine's thread, by future.result()
-                future.set_exception(error)
-
-
 class Engine:
     def __init__(self, model, tokenizer, max_batch, precision=DEFAULT_PRECISION):
         if max_batch < 1:
@@ -148,9 +125,10 @@ class Engine:
         self._free_rows = list(range(max_batch - 1, -1, -1))
         self._prefilling = collections.deque()  # admitted, prompt not yet all in the cache
         self._decoding = []
-        self._sampling = None  # (requests, their logits): the half stepped last, its tokens not yet drawn
+        self._undrawn = None  # (requests, their logits): the half stepped last, its tokens not yet drawn
         self._half_steps = 0
-        self._kernel = KernelThread()
+        # The decode kernel's own thread for half steps (it lets go of Python's lock while it works).
+        self._kernel = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decode-kernel")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self._steps_in_halves = self.decoder.threads < cores
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -200,12 +178,12 @@ class Engine:
                     if halves:
                         self._half_step()
                     elif self._decoding:
-                        self._sample()  # a half left from when the batch was larger
+                        self._draw_undrawn()  # a half left from when the batch was larger
                         self._decode_step()
                 except Exception:
                     # One bad step must not take the model down: end what was in flight, keep serving.
                     log.exception("generation step failed; ending the %d requests in flight", self.in_flight())
-                    self._sampling = None
+                    self._undrawn = None
                     for request in [*self._prefilling, *self._decoding]:
                         request.send(Event("", len(request.new_ids), "error"))
                         request.finish_reason = "error"
@@ -251,34 +229,34 @@ class Engine:
     def _decode_step(self):
         requests = [request for request in self._decoding if request.finish_reason is None]
         if requests:
-            self._sampling = requests, self.decoder(*self._step_inputs(requests))
-            self._sample()
+            self._draw(requests, self.decoder(*self._step_inputs(requests)))
 
     def _half_step(self):
         """The half of the batch that waited longer steps on the kernel's thread while this one draws the
         tokens of the half stepped last; its logits are then drawn from in the next half step."""
-        stepped_last = {id(request) for request in self._sampling[0]} if self._sampling else set()
-        waiting = [request for request in self._decoding if id(request) not in stepped_last]
-        requests = sorted(waiting, key=lambda request: request.last_step)[: (len(self._decoding) + 1) // 2]
+        stepped_last = {id(request) for request in self._undrawn[0]} if self._undrawn else set()
+        others = [request for request in self._decoding if id(request) not in stepped_last]
+        requests = sorted(others, key=lambda request: request.last_step)[: (len(self._decoding) + 1) // 2]
         if not requests:  # the others have all finished
-            self._sample()
+            self._draw_undrawn()
             return
         self._half_steps += 1
         for request in requests:
             request.last_step = self._half_steps
         logits = self._kernel.submit(self.decoder, *self._step_inputs(requests))
         try:
-            self._sample()
+            self._draw_undrawn()
         finally:
             concurrent.futures.wait([logits])  # the kernel writes their cache rows until it returns
-        self._sampling = requests, logits.result()
+        self._undrawn = requests, logits.result()
 
-    def _sample(self):
-        """Draws the next token of each request of the last step from its logits, and sends its text."""
-        if self._sampling is None:
-            return
-        requests, logits = self._sampling
-        self._sampling = None
+    def _draw_undrawn(self):
+        if self._undrawn is not None:
+            undrawn, self._undrawn = self._undrawn, None
+            self._draw(*undrawn)
+
+    def _draw(self, requests, logits):
+        """Draws the next token of each of `requests` from its row of `logits`, and sends its text."""
         for row, (request, token) in enumerate(zip(requests, next_tokens(logits, requests))):
             self._record_logprobs(request, logits[row : row + 1], token)
             self._next_token(request, token)
