@@ -7,6 +7,7 @@ environment variable, which other users cannot read in the process list).
 import argparse
 import ipaddress
 import logging
+import math
 import os
 
 import torch
@@ -15,7 +16,7 @@ import uvicorn
 from model.rowwise import PRECISIONS
 from serve.app import BODY_SECONDS, LOOPBACK_HOSTS, MAX_BODY_BYTES, MAX_GENERATION_SECONDS, MAX_QUEUE, create_app
 from serve.engine import DEFAULT_PRECISION, DEFAULT_THREADS
-from serve.protocol import HEADER_SECONDS, MAX_CONNECTIONS, header_timeout_protocol
+from serve.protocol import HEADER_SECONDS, MAX_CONNECTIONS, WRITE_SECONDS, uvicorn_settings
 
 
 def is_loopback(host):
@@ -30,18 +31,25 @@ def is_loopback(host):
 def positive(kind):
     def parse(text):
         value = kind(text)
-        if not value > 0:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        if not 0 < value < math.inf:  # also refuses nan; inf would switch a limit off
+            raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
         return value
 
     return parse
+
+
+def tcp_port(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 0 to 65535 (0: any free one), not {text}")
+    return value
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--port", type=tcp_port, default=8080)
     parser.add_argument("--models-dir", default="serve/models", help="folder of exported model folders")
     parser.add_argument("--max-batch", type=positive(int), default=16, help="requests decoded together per model")
     parser.add_argument("--precision", choices=PRECISIONS, default=DEFAULT_PRECISION,
@@ -76,8 +84,11 @@ def parse_args(argv=None):
     parser.add_argument("--header-seconds", type=positive(float), default=HEADER_SECONDS,
                         help="a connection that has not sent a request's headers within this time is closed "
                              "(default: %(default)s)")
+    parser.add_argument("--write-seconds", type=positive(float), default=WRITE_SECONDS,
+                        help="a connection whose client reads nothing of its reply for this long, once the socket's "
+                             "buffers are full, is closed and its generations stop (default: %(default)s)")
     parser.add_argument("--max-connections", type=positive(int), default=MAX_CONNECTIONS,
-                        help="open connections and requests at once; beyond, new ones get 503 (default: %(default)s)")
+                        help="open connections at once; a request on one more gets 503 (default: %(default)s)")
     args = parser.parse_args(argv)
     if not is_loopback(args.host) and not args.api_key:
         parser.error(f"--host {args.host} is reachable from other machines: give an API key with --api-key or "
@@ -99,8 +110,8 @@ def main(argv=None):
                      precision=args.precision, api_key=args.api_key, cors_origins=args.cors_origin,
                      max_prompt_tokens=args.max_prompt_tokens, max_generation_seconds=args.max_generation_seconds,
                      max_queue=args.max_queue, allowed_hosts=allowed_hosts(args), body_seconds=args.body_seconds)
-    uvicorn.run(app, host=args.host, port=args.port, limit_concurrency=args.max_connections,
-                timeout_keep_alive=args.header_seconds, http=header_timeout_protocol(args.header_seconds))
+    uvicorn.run(app, host=args.host, port=args.port,
+                **uvicorn_settings(args.header_seconds, args.write_seconds, args.max_connections))
 
 
 if __name__ == "__main__":

@@ -162,11 +162,16 @@ class Engine:
             self._wakeup.notify()
         return request
 
+    def _has_work(self):
+        # Waiting requests are work only while a row is free: a full batch waits for its own steps to end a
+        # generation (rows are freed on this thread), not spin over a queue it cannot admit.
+        return self._prefilling or self._decoding or (self._waiting and self._free_rows)
+
     def _run(self):
         with torch.inference_mode():
             while True:
                 with self._wakeup:
-                    while not (self._waiting or self._prefilling or self._decoding):
+                    while not self._has_work():
                         self._wakeup.wait()
                 try:
                     self._admit()
@@ -181,13 +186,19 @@ class Engine:
                         self._draw_undrawn()  # a half left from when the batch was larger
                         self._decode_step()
                 except Exception:
-                    # One bad step must not take the model down: end what was in flight, keep serving.
+                    # Each request's own work fails alone (below); this is the engine's own bookkeeping failing,
+                    # where no request can be told apart: end what was in flight, keep serving.
                     log.exception("generation step failed; ending the %d requests in flight", self.in_flight())
                     self._undrawn = None
                     for request in [*self._prefilling, *self._decoding]:
-                        request.send(Event("", len(request.new_ids), "error"))
-                        request.finish_reason = "error"
+                        self._fail(request)
                 self._release_finished()
+
+    @staticmethod
+    def _fail(request):
+        if request.finish_reason is None:
+            request.finish_reason = "error"
+            request.send(Event("", len(request.new_ids), "error"))
 
     def _admit(self):
         while self._free_rows and self._waiting:
@@ -202,23 +213,28 @@ class Engine:
             return
         start = request.prefilled
         chunk = request.prompt_ids[start : start + PREFILL_CHUNK]
-        logits, _ = self.model(torch.tensor([chunk]), cache=self.cache, rows=torch.tensor([request.row]),
-                               positions=torch.arange(start, start + len(chunk))[None])
-        request.prefilled += len(chunk)
-        if request.prompt_logprobs:
-            following = request.prompt_ids[start + 1 : start + 1 + len(chunk)]  # what each position predicts
-            request.prompt_token_logprobs += token_logprobs(logits[0, : len(following)], following,
-                                                            request.logprobs or 0)
+        try:
+            logits, _ = self.model(torch.tensor([chunk]), cache=self.cache, rows=torch.tensor([request.row]),
+                                   positions=torch.arange(start, start + len(chunk))[None])
+            request.prefilled += len(chunk)
+            if request.prompt_logprobs:
+                following = request.prompt_ids[start + 1 : start + 1 + len(chunk)]  # what each position predicts
+                request.prompt_token_logprobs += token_logprobs(logits[0, : len(following)], following,
+                                                                request.logprobs or 0)
+        except Exception:
+            log.exception("prefilling a prompt failed; ending its request")
+            self._fail(request)
+            return
         if request.prefilled == len(request.prompt_ids):
+            # It holds its row in the batch from now on, whatever it does next: _release_finished frees the
+            # rows of every finished request in the batch, so no way of ending can keep one.
             self._prefilling.popleft()
+            self._decoding.append(request)
             if request.sampling.max_tokens == 0:  # scoring the prompt only
                 request.finish_reason = "length"
                 request.send(Event("", 0, "length"))
                 return
-            self._decoding.append(request)
-            token = next_tokens(logits[:, -1], [request])[0]
-            self._record_logprobs(request, logits[0, -1:], token)
-            self._next_token(request, token)
+            self._draw([request], logits[:, -1])
 
     @staticmethod
     def _step_inputs(requests):
@@ -227,28 +243,52 @@ class Engine:
                 [len(request.prompt_ids) + len(request.new_ids) - 1 for request in requests])
 
     def _decode_step(self):
-        requests = [request for request in self._decoding if request.finish_reason is None]
+        requests = self._unfinished()
         if requests:
-            self._draw(requests, self.decoder(*self._step_inputs(requests)))
+            self._draw(*self._stepped(requests))
+
+    def _unfinished(self):
+        """The decoding requests that want a next token. A request that finished since it joined (cancelled in
+        its last prefill chunk, ended by its first token) has no token to step from; its row is freed after the
+        step."""
+        return [request for request in self._decoding if request.finish_reason is None]
+
+    def _stepped(self, requests, step=None):
+        """(requests, their logits) of one decode step of `requests`, whose kernel call `step` (a Future) may
+        be running already. When the batched call fails, each request steps alone (the kernel computes each row
+        on its own, and stepping a row again rewrites the same cache entries), so that only a request whose own
+        step fails ends."""
+        try:
+            return requests, step.result() if step else self.decoder(*self._step_inputs(requests))
+        except Exception:
+            if len(requests) == 1:
+                log.exception("a decode step failed; ending its request")
+                self._fail(requests[0])
+                return [], None
+            log.exception("a decode step of %d requests failed; stepping each alone", len(requests))
+        stepped = [self._stepped([request]) for request in requests]
+        stepped = [(requests[0], logits) for requests, logits in stepped if requests]
+        return [request for request, _ in stepped], torch.cat([logits for _, logits in stepped]) if stepped else None
 
     def _half_step(self):
         """The half of the batch that waited longer steps on the kernel's thread while this one draws the
         tokens of the half stepped last; its logits are then drawn from in the next half step."""
         stepped_last = {id(request) for request in self._undrawn[0]} if self._undrawn else set()
-        others = [request for request in self._decoding if id(request) not in stepped_last]
-        requests = sorted(others, key=lambda request: request.last_step)[: (len(self._decoding) + 1) // 2]
+        unfinished = self._unfinished()
+        others = [request for request in unfinished if id(request) not in stepped_last]
+        requests = sorted(others, key=lambda request: request.last_step)[: (len(unfinished) + 1) // 2]
         if not requests:  # the others have all finished
             self._draw_undrawn()
             return
         self._half_steps += 1
         for request in requests:
             request.last_step = self._half_steps
-        logits = self._kernel.submit(self.decoder, *self._step_inputs(requests))
+        step = self._kernel.submit(self.decoder, *self._step_inputs(requests))
         try:
             self._draw_undrawn()
         finally:
-            concurrent.futures.wait([logits])  # the kernel writes their cache rows until it returns
-        self._undrawn = requests, logits.result()
+            concurrent.futures.wait([step])  # the kernel writes their cache rows until it returns
+        self._undrawn = self._stepped(requests, step)
 
     def _draw_undrawn(self):
         if self._undrawn is not None:
@@ -256,10 +296,28 @@ class Engine:
             self._draw(*undrawn)
 
     def _draw(self, requests, logits):
-        """Draws the next token of each of `requests` from its row of `logits`, and sends its text."""
-        for row, (request, token) in enumerate(zip(requests, next_tokens(logits, requests))):
-            self._record_logprobs(request, logits[row : row + 1], token)
-            self._next_token(request, token)
+        """Draws the next token of each of `requests` from its row of `logits`, and sends its text. When that
+        fails, each request draws alone, so that only one whose own draw or text fails ends."""
+        if not requests:
+            return
+        try:
+            tokens = next_tokens(logits, requests)
+        except Exception:
+            if len(requests) == 1:
+                log.exception("drawing a token failed; ending its request")
+                self._fail(requests[0])
+                return
+            log.exception("drawing the tokens of %d requests failed; drawing each alone", len(requests))
+            for row, request in enumerate(requests):
+                self._draw([request], logits[row : row + 1])
+            return
+        for row, (request, token) in enumerate(zip(requests, tokens)):
+            try:
+                self._record_logprobs(request, logits[row : row + 1], token)
+                self._next_token(request, token)
+            except Exception:
+                log.exception("sending a token's text failed; ending its request")
+                self._fail(request)
 
     @staticmethod
     def _record_logprobs(request, logits, token):
@@ -296,6 +354,7 @@ class Engine:
             request.send(Event(delta, len(ids), finish_reason, logprobs))
 
     def _release_finished(self):
+        """Frees the row of every finished request in the batch, prefilling or decoding: however it ended."""
         for requests in (self._prefilling, self._decoding):
             for request in [request for request in requests if request.finish_reason is not None]:
                 requests.remove(request)

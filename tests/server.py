@@ -8,15 +8,15 @@ import uvicorn
 
 from serve.app import create_app
 from serve.engine import DEFAULT_THREADS
-from serve.protocol import HEADER_SECONDS, MAX_CONNECTIONS, header_timeout_protocol
+from serve.protocol import uvicorn_settings
 
 
 class RunningServer:
-    """The app as `python -m serve` runs it: uvicorn with the same protocol and limits (header_seconds and
-    max_connections are the command's --header-seconds and --max-connections), its models loaded with the
-    command's default torch threads."""
+    """The app as `python -m serve` runs it: uvicorn with the same protocol and limits (`limits` are
+    uvicorn_settings' header_seconds, write_seconds and max_connections: the command's --header-seconds,
+    --write-seconds and --max-connections), its models loaded with the command's default torch threads."""
 
-    def __init__(self, models_dir, header_seconds=HEADER_SECONDS, max_connections=MAX_CONNECTIONS, **options):
+    def __init__(self, models_dir, limits=None, **options):
         threads = torch.get_num_threads()
         torch.set_num_threads(DEFAULT_THREADS)
         try:
@@ -24,8 +24,7 @@ class RunningServer:
         finally:
             torch.set_num_threads(threads)
         config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                http=header_timeout_protocol(header_seconds), timeout_keep_alive=header_seconds,
-                                limit_concurrency=max_connections)
+                                **uvicorn_settings(**(limits or {})))
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -379,7 +379,7 @@ def raw_exchange(server, data, wait=2.0):
 
 
 def test_a_connection_that_sends_no_request_head_is_closed(models_dir):
-    with RunningServer(models_dir, header_seconds=0.5) as server:
+    with RunningServer(models_dir, limits={"header_seconds": 0.5}) as server:
         for data in (b"", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"):  # nothing; half a head
             started = time.monotonic()
             received, closed = raw_exchange(server, data, wait=3)
@@ -402,10 +402,14 @@ def test_a_body_declared_over_the_limit_gets_413_before_it_is_sent(open_server):
 
 
 def test_connections_over_the_limit_are_refused(models_dir):
-    with RunningServer(models_dir, max_connections=3) as server:
+    """--max-connections N serves N connections at once, and refuses the next."""
+    with RunningServer(models_dir, limits={"max_connections": 3}) as server:
         host, port = server.url.removeprefix("http://").split(":")
-        idle = [socket.create_connection((host, int(port))) for _ in range(3)]
+        idle = [socket.create_connection((host, int(port))) for _ in range(2)]
         try:
+            time.sleep(0.2)
+            assert httpx.get(server.url + "/health").status_code == 200  # the third
+            idle.append(socket.create_connection((host, int(port))))
             time.sleep(0.2)
             assert httpx.get(server.url + "/health").status_code == 503
         finally:
