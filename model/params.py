@@ -189,6 +189,31 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class TaskSourcesParams:
+    """The data of each task of the suite (model/task_scores.py), keyed by lm-eval's task name: a local folder in
+    the layout of the hub dataset the stock task reads, or a hub pin folder (data/hub/...)."""
+    blimp: str  # nyu-mll/blimp: one config per paradigm, split train
+    lambada_openai: str  # EleutherAI/lambada_openai: config default, split test
+    piqa: str  # baber/piqa: split validation
+    arc_easy: str  # allenai/ai2_arc: config ARC-Easy, split test
+    hellaswag: str  # Rowan/hellaswag: split validation
+
+
+@dataclass(frozen=True)
+class TaskScoresParams:
+    tasks: TaskSourcesParams
+    limit: int  # items scored per task (per BLiMP paradigm): a seeded sample of those that fit; 0: all of them
+    batch_size: int
+    device: str  # auto (CUDA when present), cpu or cuda
+
+    def check(self, key):
+        _require(self.limit >= 0, f"{key}.limit", f"must be >= 0 (0 scores every item), got {self.limit}")
+        _require(self.batch_size > 0, f"{key}.batch_size", f"must be positive, got {self.batch_size}")
+        _require(self.device in ("auto", "cpu", "cuda"), f"{key}.device",
+                 f"must be one of auto, cpu, cuda, got {self.device!r}")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     wikipedia: WikipediaParams
@@ -200,6 +225,7 @@ class Params:
     pretrain: PretrainParams
     finetune: TrainParams
     evaluate: EvaluateParams
+    task_scores: TaskScoresParams
 
 
 def _type_name(kind):

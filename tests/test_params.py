@@ -124,6 +124,38 @@ def test_empty_string_source_is_named(raw):
     assert "dialog.source" in _error(raw)
 
 
+# Task scores
+
+
+def test_an_unknown_task_is_named_with_the_suite(raw):
+    raw["task_scores"]["tasks"]["mmlu"] = "data/sample/mmlu"
+    assert _error(raw) == ("params.yaml: task_scores.tasks.mmlu is not a known key; valid keys of task_scores.tasks: "
+                           "blimp, lambada_openai, piqa, arc_easy, hellaswag")
+
+
+def test_a_task_without_a_source_is_named(raw):
+    del raw["task_scores"]["tasks"]["piqa"]
+    assert _error(raw) == "params.yaml: task_scores.tasks.piqa is missing"
+
+
+@pytest.mark.parametrize("key, value", [("limit", -1), ("batch_size", 0), ("device", "tpu"), ("limit", 1.5)])
+def test_a_bad_task_scores_value_is_named(raw, key, value):
+    raw["task_scores"][key] = value
+    assert f"task_scores.{key}" in _error(raw)
+
+
+def test_a_limit_of_zero_scores_every_item(raw):
+    assert parse_params(raw).task_scores.limit == 0
+
+
+@pytest.mark.parametrize("name", ["ryangpt", "ryangpt-fast", "ryangpt-unique"])
+def test_the_ryangpt_profiles_score_every_item_of_every_task_from_the_hub(name):
+    scores = profile(name).task_scores
+    assert scores.limit == 0
+    assert all(Path(REPO_ROOT / getattr(scores.tasks, task) / "hub.json").is_file()
+               for task in ("blimp", "lambada_openai", "piqa", "arc_easy", "hellaswag"))
+
+
 # Training and model params
 
 
@@ -251,7 +283,7 @@ def test_a_stage_reports_a_bad_param_in_one_line_without_a_traceback(raw, tmp_pa
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: params.yaml: foo is not a known key; valid keys of (top level): seed, wikipedia, c4, dialog, "
-        "combine, tokenizer, model, pretrain, finetune, evaluate"]
+        "combine, tokenizer, model, pretrain, finetune, evaluate, task_scores"]
 
 
 @pytest.mark.parametrize("target", [["profile", "NAME=ryangpt-fast"], ["ryangpt"]])

@@ -305,4 +305,5 @@ def test_exp_show_as_the_readme_runs_it_shows_each_sources_bits_per_byte_and_the
         assert hidden not in table
 
 
-EXP_SHOW_DROP = "Created|.*loss|base.val/dialog|chat.val/(c4|wiki)|data/|stages/|models?/|metrics/|serve/"  # as README.md writes it
+EXP_SHOW_DROP = ("Created|.*loss|base.val/dialog|chat.val/(c4|wiki)|data/|stages/|models?/|metrics/|serve/"
+                 r"|(base|chat)\.(arc|blimp|hella|lambada|piqa)")  # as README.md writes it

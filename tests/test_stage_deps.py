@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model.params import PretrainParams, TrainParams
+from model.params import PretrainParams, TaskSourcesParams, TrainParams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("model", "stages")
@@ -93,3 +93,17 @@ def test_every_profiles_extract_deps_are_its_sources(profile):
     for stage, section in SOURCE_SECTIONS.items():
         assert f"${{{section}.source}}" in stages()[stage]["deps"]
         assert (REPO_ROOT / params[section]["source"]).is_dir(), f"{profile}: {section}.source"
+
+
+@pytest.mark.parametrize("profile", ["params.yaml", *sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml"))])
+def test_every_profiles_task_scores_deps_are_its_task_sources(profile):
+    """task_scores depends on each task's `${task_scores.tasks.TASK}`, one dep per task of the suite, so its deps follow
+    the profile as the extract stages' do; every profile's task sources are folders DVC can hash."""
+    from model.profiles import resolve
+
+    params = yaml.safe_load((REPO_ROOT / profile).read_text()) if profile == "params.yaml" else resolve(
+        REPO_ROOT / "configs" / profile)
+    source_deps = [dep for dep in stages()["task_scores"]["deps"] if dep.startswith("${")]
+    assert source_deps == [f"${{task_scores.tasks.{field.name}}}" for field in fields(TaskSourcesParams)]
+    for field in fields(TaskSourcesParams):
+        assert (REPO_ROOT / params["task_scores"]["tasks"][field.name]).is_dir(), f"{profile}: {field.name}"
