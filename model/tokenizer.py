@@ -144,7 +144,16 @@ class Tokenizer:
 
     def document_prompt(self, text):
         """Ids for continuing `text` as a fresh document (training put <|endoftext|> before each)."""
-        return [END_OF_TEXT_ID] + self.encode_text(text)
+        return [END_OF_TEXT_ID] + self.document_text(text)
+
+    def document_text(self, text):
+        """Ids of a document's `text`: a literal `<|endoftext|>` in it is the token that ends a document, as
+        transformers, vLLM and llama.cpp read a prompt (a client may send several documents in one); role strings
+        stay characters (`encode_text`)."""
+        ids = []
+        for i, part in enumerate(text.split(END_OF_TEXT)):
+            ids += ([END_OF_TEXT_ID] if i else []) + self.encode_text(part)
+        return ids
 
     def chat_prompt(self, turns):
         """Ids of a conversation so far (user first), ending where the assistant's reply starts.

@@ -11,6 +11,8 @@ bounded.
 """
 
 import asyncio
+import codecs
+import hashlib
 import hmac
 import json
 import logging
@@ -33,9 +35,10 @@ from model.tokenizer import Tokenizer, check_same_vocabulary
 from serve.engine import DEFAULT_PRECISION, Engine
 from serve.schema import (REQUEST_FIELD_NAMES, STREAM_CHUNKS, ChatChoice, ChatChunkChoice, ChatCompletion,
                           ChatCompletionChunk, ChatDelta, ChatLogprobs, ChatRequest, Completion, CompletionChoice,
-                          CompletionChunk, CompletionChunkChoice, CompletionLogprobs, CompletionRequest, ErrorReply,
-                          Health, ModelList, ReplyMessage, TokenLogprob, TopLogprob, UnsupportedField, Usage,
-                          event_stream)
+                          CompletionChunk, CompletionChunkChoice, CompletionLogprobs, CompletionRequest,
+                          DetokenizeReply, DetokenizeRequest, ErrorReply, Health, ModelList, ReplyMessage,
+                          TokenizeReply, TokenizeRequest, TokenizerInfo, TokenLogprob, TopLogprob, UnsupportedField,
+                          Usage, event_stream)
 
 log = logging.getLogger("serve")
 STATIC = Path(__file__).parent / "static"
@@ -86,6 +89,10 @@ class HostedModel:
         self.name = name
         self.tokenizer = Tokenizer(folder / "tokenizer.model")
         check_same_vocabulary(self.tokenizer, folder / "tokenizer.model", model.config, folder)
+        self.tokenizer_digest = hashlib.sha256((folder / "tokenizer.model").read_bytes()).hexdigest()
+        tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        self.tokenizer_info = TokenizerInfo.model_validate(
+            {name: tokenizer_config.get(name) for name in TokenizerInfo.model_fields})
         # The tokenizer keeps text as it is (identity normalization), so no token covers more characters than
         # the longest piece: a text longer than limit * this is over the limit before it is tokenized.
         self.max_piece_chars = max(len(self.tokenizer.sp.id_to_piece(i)) for i in range(self.tokenizer.vocab_size))
@@ -97,6 +104,13 @@ class HostedModel:
     def card(self):
         return {"id": self.name, "object": "model", "created": 0, "owned_by": "dvc-gpt-pipeline",
                 "context_length": self.context_length, **self.listing}
+
+    def text_bytes(self, token):
+        """The UTF-8 bytes `token` adds to a decoded text: a control token (<|endoftext|>) adds none, a byte
+        piece its byte (maybe a part of a character)."""
+        if self.tokenizer.sp.is_control(token):
+            return b""
+        return bytes(self.token_text(token)[1])
 
     def token_text(self, token):
         """(text, UTF-8 bytes) of one token; a byte piece of a longer character is 'bytes:\\xNN', as OpenAI does."""
@@ -130,7 +144,12 @@ def load_models(models_dir, max_batch, precision):
     root = Path(models_dir).resolve()
     hosted = {}
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if not folder.is_dir() or folder.name.startswith("."):
+        if folder.name.startswith("."):
+            continue
+        if folder.is_symlink() and not folder.exists():
+            log.error("skipping model folder %s: it is a dangling or looping link", folder)
+            continue
+        if not folder.is_dir():
             continue
         problem = _linked_out(folder, root)
         if problem:
@@ -149,17 +168,24 @@ def load_models(models_dir, max_batch, precision):
 # --- middleware ----------------------------------------------------------------------------------
 
 
+CLOSE = (b"connection", b"close")
+
+
 async def _send_error(send, status, message, code=None):
     body = json.dumps(error_body(message, code=code)).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            CLOSE]})
     await send({"type": "http.response.body", "body": body})
 
 
 class RequestGuard:
     """Refuses, in OpenAI's error shape and before any route runs: a Host that is not allowed (a web page
-    reaching a loopback server through DNS rebinding), a declared body over the limit (413 before the
-    client is told to continue), a body that grows over the limit, and a body that takes too long."""
+    reaching a loopback server through DNS rebinding), a body framed two ways at once, a declared body over the
+    limit (413 before the client is told to continue), a body that grows over the limit, and a body that takes
+    longer than `body_seconds` in all, from the first time the app asks for it (a deadline per read would let a
+    client trickle a byte at a time forever). A response that starts before its body is all in closes the
+    connection, so that nothing the client still sends is read as another request, or keeps the socket open."""
 
     def __init__(self, app, max_bytes, body_seconds, allowed_hosts):
         self.app, self.max_bytes, self.body_seconds = app, max_bytes, body_seconds
@@ -179,26 +205,40 @@ class RequestGuard:
         if not self._host_allowed(headers):
             return await _send_error(send, 400, "this server does not answer to that Host header; start it with "
                                                 "--allowed-host NAME to add one", "invalid_host")
+        if b"transfer-encoding" in headers and b"content-length" in headers:
+            # RFC 9112 6.3: such a message may be refused, and must be, where a proxy in front could read its
+            # length the other way (request smuggling).
+            return await _send_error(send, 400, "the request has both Transfer-Encoding and Content-Length; send "
+                                                "one of them", "invalid_http")
         declared = headers.get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await _send_error(send, 413, f"the request body is over the limit of {self.max_bytes} bytes")
-        received, complete = 0, False
+        # A request without a body (no length, or 0, and no chunks) is complete before it is read.
+        received, deadline = 0, None
+        complete = b"transfer-encoding" not in headers and declared.isdigit() and int(declared) == 0
 
         async def guarded_receive():
-            nonlocal received, complete
+            nonlocal received, complete, deadline
             if complete:  # the body is in: what comes now is a disconnect, which may take any time
                 return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.body_seconds
             try:
-                message = await asyncio.wait_for(receive(), self.body_seconds)
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
                 raise HTTPException(408, f"the request body did not arrive within {self.body_seconds:g} s") from None
             received += len(message.get("body", b""))
-            complete = not message.get("more_body", False)
+            complete = not message.get("more_body", False) or message["type"] == "http.disconnect"
             if received > self.max_bytes:
                 raise HTTPException(413, f"the request body is over the limit of {self.max_bytes} bytes")
             return message
 
-        await self.app(scope, guarded_receive, send)
+        async def closing_send(message):
+            if message["type"] == "http.response.start" and not complete:
+                message = {**message, "headers": [*message.get("headers", []), CLOSE]}
+            await send(message)
+
+        await self.app(scope, guarded_receive, closing_send)
 
 
 class JSONCORSMiddleware(CORSMiddleware):
@@ -350,6 +390,21 @@ async def respond(request, hosted, body, jobs, chat, logprobs):
     return collecting.result()
 
 
+class TextOffsets:
+    """The text_offset of each token of one choice, fed in order: where in the reply's text (the echoed prompt
+    and what follows) the token's text starts, in characters. A control token adds no text; a byte piece may
+    add part of a character, whose offset is then that character's."""
+
+    def __init__(self, hosted):
+        self.hosted, self.chars = hosted, 0
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def next(self, token):
+        offset = self.chars
+        self.chars += len(self.decoder.decode(self.hosted.text_bytes(token)))
+        return offset
+
+
 class Reply:
     """Builds reply bodies from the schema's classes, so they cannot drift from /openapi.json."""
 
@@ -357,22 +412,19 @@ class Reply:
         self.hosted, self.chat, self.runs, self.include_usage = hosted, chat, runs, include_usage
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.prompt_tokens = sum(len(job.prompt_ids) for job, _ in runs)
+        jobs = {id(job): job for job, _ in runs}.values()  # each job runs n times; its prompt counts once
+        self.prompt_tokens = sum(len(job.prompt_ids) for job in jobs)
+        self.offsets = [TextOffsets(hosted) for _ in runs]  # each choice's, across its stream's chunks
 
     def _usage(self, completion_tokens):
         return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
                      total_tokens=self.prompt_tokens + completion_tokens)
 
-    def _legacy_logprobs(self, entries, start_text=""):
-        """CompletionLogprobs of (token, TokenLogprob or None) pairs; offsets count from the reply text's start."""
-        tokens, offsets, offset = [], [], len(start_text)
-        for token, _ in entries:
-            text, _ = self.hosted.token_text(token)
-            tokens.append(text)
-            offsets.append(offset)
-            offset += len(text)
+    def _legacy_logprobs(self, entries, offsets):
+        """CompletionLogprobs of (token, TokenLogprob or None) pairs; `offsets` is the choice's TextOffsets."""
         return CompletionLogprobs(
-            tokens=tokens, text_offset=offsets,
+            tokens=[self.hosted.token_text(token)[0] for token, _ in entries],
+            text_offset=[offsets.next(token) for token, _ in entries],
             token_logprobs=[None if entry is None else entry.logprob for _, entry in entries],
             top_logprobs=[None if entry is None else {self.hosted.token_text(t)[0]: lp for t, lp in entry.top}
                           for _, entry in entries])
@@ -412,7 +464,7 @@ class Reply:
                 if run.logprobs is not None:
                     entries = (self._echo_entries(job, run) if job.echo_ids else []) + [
                         (entry.token, entry) for entry in logprobs]
-                    legacy = self._legacy_logprobs(entries)
+                    legacy = self._legacy_logprobs(entries, self.offsets[index])
                 choices.append(CompletionChoice(index=index, text=job.echo_text + text, logprobs=legacy,
                                                 finish_reason=event.finish_reason))
         body = (ChatCompletion if self.chat else Completion)(
@@ -438,7 +490,7 @@ class Reply:
         text, entries = event.text, [(entry.token, entry) for entry in event.logprobs]
         if first and job.echo_ids:
             text, entries = job.echo_text + text, self._echo_entries(job, run) + entries
-        logprobs = self._legacy_logprobs(entries) if run.logprobs is not None else None
+        logprobs = self._legacy_logprobs(entries, self.offsets[index]) if run.logprobs is not None else None
         return CompletionChunkChoice(index=index, text=text, logprobs=logprobs, finish_reason=event.finish_reason)
 
     async def events(self):
@@ -497,6 +549,8 @@ class GenerationStream(StreamingResponse):
 pages = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 docs = APIRouter(dependencies=[Depends(require_api_key)], include_in_schema=False)
+# vLLM's tokenizer routes, at the root as vLLM serves them: lm-evaluation-harness tokenizes through them.
+tokenizing = APIRouter(dependencies=[Depends(require_api_key)])
 GENERATION_ERRORS = error_responses(400, 401, 404, 408, 413, 429, 503)
 
 
@@ -532,6 +586,38 @@ async def redoc(request: Request):
 @v1.get("/models", response_model=ModelList, responses=error_responses(401))
 async def list_models(request: Request):
     return {"object": "list", "data": [hosted.card() for hosted in request.app.state.models.values()]}
+
+
+def _tokenizer_model(request, name):
+    """The model named, or with no name the one tokenizer every hosted model shares."""
+    if name is not None:
+        return _hosted_model(request, name)
+    models = list(request.app.state.models.values())
+    if len({hosted.tokenizer_digest for hosted in models}) != 1:
+        raise APIError(400, f"name a model: {', '.join(h.name for h in models) or 'none is loaded'}", "model")
+    return models[0]
+
+
+@tokenizing.get("/tokenizer_info", response_model=TokenizerInfo, responses=error_responses(400, 401, 404))
+async def tokenizer_info(request: Request, model: str | None = None):
+    return _tokenizer_model(request, model).tokenizer_info
+
+
+@tokenizing.post("/tokenize", response_model=TokenizeReply, responses=error_responses(400, 401, 404, 408, 413))
+async def tokenize(body: TokenizeRequest, request: Request):
+    hosted = _tokenizer_model(request, body.model)
+    encode = hosted.tokenizer.document_prompt if body.add_special_tokens else hosted.tokenizer.document_text
+    ids = await asyncio.to_thread(encode, body.prompt)
+    return TokenizeReply(count=len(ids), max_model_len=hosted.context_length, tokens=ids)
+
+
+@tokenizing.post("/detokenize", response_model=DetokenizeReply, responses=error_responses(400, 401, 404, 408, 413))
+async def detokenize(body: DetokenizeRequest, request: Request):
+    hosted = _tokenizer_model(request, body.model)
+    if body.tokens and max(body.tokens) >= hosted.vocab_size:
+        raise APIError(400, f"token id {max(body.tokens)} is not in model '{hosted.name}''s vocabulary of "
+                            f"{hosted.vocab_size}", "tokens")
+    return DetokenizeReply(prompt=await asyncio.to_thread(hosted.tokenizer.decode, body.tokens))
 
 
 @v1.post("/completions", response_model=Completion, response_model_exclude_none=False, responses={
@@ -615,7 +701,7 @@ def create_app(models_dir, max_batch=16, max_body_bytes=MAX_BODY_BYTES, precisio
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, unexpected_error)
-    for router in (pages, docs, v1):
+    for router in (pages, docs, tokenizing, v1):
         app.include_router(router)
     _complete_openapi_schema(app)
     return app

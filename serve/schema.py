@@ -4,9 +4,11 @@ request must respect is written here, where clients (and the fuzz tests) can rea
 Types are strict ("1" is not a number) and unknown fields are ignored, as OpenAI's API does.
 """
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StringConstraints,
+                      Tag, model_validator)
 
 MAX_TOKENS = 4096  # bound of max_tokens and min_tokens; each model's context bounds them further
 MAX_PROMPTS = 16  # prompts in one completion request (each runs n times)
@@ -84,11 +86,13 @@ class GenerationFields(RequestBody):
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored (an end-user id for abuse tracking)")
 
+    neutral_values: ClassVar[dict] = NEUTRAL_VALUES
+
     @model_validator(mode="before")
     @classmethod
     def _refuse_unsupported(cls, data):
         if isinstance(data, dict):
-            for name, neutral in NEUTRAL_VALUES.items():
+            for name, neutral in cls.neutral_values.items():
                 if name in data and data[name] not in neutral:
                     raise UnsupportedField(name, neutral)
         return data
@@ -96,17 +100,59 @@ class GenerationFields(RequestBody):
 
 class UnsupportedField(ValueError):
     def __init__(self, name, neutral):
-        values = " or ".join("null" if value is None else repr(value) for value in neutral)
+        values = " or ".join(json.dumps(value) for value in neutral)
         super().__init__(f"{name}: this server does not implement it; send it as {values}, or leave it out")
         self.field = name
 
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+def _checked_first(check):
+    """A validator that runs `check` on the raw value before pydantic's own validation. A list's own validation
+    builds an error per bad element, on the event loop: 5 s for a 720 KB list of -1. The checks below look at
+    the whole list in one cheap pass and raise one error, so that any body costs about what a valid one does."""
+    return BeforeValidator(check)
+
+
+def _token_ids(value):
+    if isinstance(value, list):
+        for index, token in enumerate(value):
+            if type(token) is not int or token < 0:  # strict: a bool is not a token id
+                raise ValueError(f"item {index} is {json.dumps(token)[:20]}; token ids are integers, 0 or more")
+    return value
+
+
+def _at_most(count):
+    def check(value):
+        if isinstance(value, list) and len(value) > count:
+            raise ValueError(f"should have at most {count} items, not {len(value)}")
+        return value
+
+    return _checked_first(check)
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), _checked_first(_token_ids)]
+PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+
+
+def _prompt_shape(value):
+    """Which of the four prompt types `value` can only be (the first item tells a list's), so that pydantic
+    validates it against that one alone, not against each in turn with an error from every one."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        first = value[0] if value else ""
+        return {str: "texts", int: "token_ids", list: "token_id_lists"}.get(type(first))
+    return None
 
 
 class CompletionRequest(GenerationFields):
-    prompt: (_text(min_length=1) | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds
-             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]) = Field(
+    prompt: Annotated[
+        Annotated[_text(min_length=1), Tag("text")]
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS), _at_most(MAX_PROMPTS), Tag("texts")]
+        | Annotated[TokenIds, Tag("token_ids")]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS), _at_most(MAX_PROMPTS),
+                    Tag("token_id_lists")],
+        Discriminator(_prompt_shape, custom_error_type="prompt_type",
+                      custom_error_message=f"should be {PROMPT_SHAPES}")] = Field(
         ..., description="text, texts, token ids (taken as they are: no <|endoftext|> is put before them), or "
                          "lists of token ids")
     echo: bool = Field(False, description="the reply text (and logprobs) start with the prompt")
@@ -121,6 +167,8 @@ class Message(RequestBody):
 
 
 class ChatRequest(GenerationFields):
+    # Completions' `echo` repeats the prompt; a chat reply is the assistant's message alone.
+    neutral_values: ClassVar[dict] = {**NEUTRAL_VALUES, "echo": (None, False)}
     messages: list[Message] = Field(..., min_length=1, max_length=MAX_MESSAGES)
     logprobs: bool = Field(False, description="log-probabilities of the reply's tokens, under the model's own "
                                               "distribution (before temperature, top-k and top-p)")
@@ -128,7 +176,47 @@ class ChatRequest(GenerationFields):
                                      description="this many most likely alternatives per token; needs `logprobs`")
 
 
+class TokenizerFields(RequestBody):
+    model: _text(max_length=MAX_MODEL_NAME_CHARS) | None = Field(
+        None, description="a hosted model; may be left out when every hosted model has the same tokenizer")
+
+
+class TokenizeRequest(TokenizerFields):
+    """vLLM's /tokenize, as lm-evaluation-harness's `tokenizer_backend=remote` calls it."""
+
+    prompt: Text = Field(..., description="a document's text, tokenized as /v1/completions tokenizes its prompt")
+    add_special_tokens: bool = Field(True, description="start with <|endoftext|>, as /v1/completions does")
+
+
+class DetokenizeRequest(TokenizerFields):
+    tokens: Annotated[list[Annotated[int, Field(ge=0)]], _checked_first(_token_ids)]
+
+
+class TokenizeReply(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeReply(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """vLLM's /tokenizer_info: the export's tokenizer settings (tokenizer_config.json), as a Hugging Face
+    tokenizer would read them."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    model_max_length: int
+    chat_template: str | None = Field(None, description="the chat model's (Jinja), when a chat model is named")
+
+
 REQUEST_FIELD_NAMES = (set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)
+                       | set(TokenizeRequest.model_fields) | set(DetokenizeRequest.model_fields)
                        | set(Message.model_fields) | set(NEUTRAL_VALUES) | set(StreamOptions.model_fields))
 
 

@@ -8,6 +8,7 @@ import httpx
 import pytest
 import torch
 
+from model.tokenizer import END_OF_TEXT_ID
 from serve.app import create_app
 from serve.engine import PIPELINE_FROM
 from tests.server import RunningServer
@@ -310,6 +311,44 @@ def test_completion_logprobs_are_the_models_own(server, base_model):
     assert logprobs["token_logprobs"] == pytest.approx(expected[len(prompt_ids) - 1 :], abs=0.05)
     for token, chosen, top in zip(logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]):
         assert len(top) == 3 and max(top, key=top.get) == token and top[token] == chosen
+
+
+def test_tokenize_gives_the_ids_a_completion_prompt_is_scored_on_and_detokenize_reverses_it(server, base_model):
+    """vLLM's /tokenize and /detokenize, which lm-evaluation-harness's remote tokenizer calls (with no model:
+    both models share one tokenizer). A literal <|endoftext|> is the token, as lm-eval's prefix token needs."""
+    _, tokenizer = base_model
+    text = "The river<|endoftext|>Rivers flow"
+    tokenized = httpx.post(server.url + "/tokenize", json={"prompt": text}).json()
+    scored = post(server, "/v1/completions", json.dumps({"model": "base", "prompt": text, "max_tokens": 0,
+                                                         "echo": True, "logprobs": 0})).json()
+    assert tokenized["count"] == len(tokenized["tokens"]) == scored["usage"]["prompt_tokens"]
+    assert tokenized["tokens"] == tokenizer.document_prompt(text) and tokenized["tokens"].count(END_OF_TEXT_ID) == 2
+    assert tokenized["max_model_len"] == 128
+    plain = httpx.post(server.url + "/tokenize", json={"model": "chat", "prompt": text, "add_special_tokens": False})
+    assert plain.json()["tokens"] == tokenized["tokens"][1:]
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "<|endoftext|>", "add_special_tokens": False}).json()[
+        "tokens"] == [END_OF_TEXT_ID]
+    ids = tokenizer.encode_text("Rivers flow, 東京 🙂")
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json() == {"prompt": "Rivers flow, 東京 🙂"}
+
+
+def test_tokenizer_info_is_the_exports_tokenizer_config(server, models_dir):
+    for name in ("base", "chat"):
+        config = json.loads((models_dir / name / "tokenizer_config.json").read_text())
+        info = httpx.get(server.url + "/tokenizer_info", params={"model": name}).json()
+        assert info["eos_token"] == config["eos_token"] == "<|endoftext|>"
+        assert info["model_max_length"] == config["model_max_length"] == 128
+        assert info["chat_template"] == config.get("chat_template") and (info["chat_template"] is None) == (name == "base")
+
+
+def test_tokenizer_routes_refuse_what_they_cannot_answer_by_name(server, monkeypatch):
+    reply = httpx.post(server.url + "/detokenize", json={"tokens": [5, 10**6]})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "tokens"
+    reply = httpx.post(server.url + "/tokenize", json={"model": "nope", "prompt": "x"})
+    assert reply.status_code == 404 and reply.json()["error"]["param"] == "model"
+    monkeypatch.setattr(server.app.state.models["chat"], "tokenizer_digest", "another tokenizer")
+    reply = httpx.get(server.url + "/tokenizer_info")
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "model" and "base, chat" in reply.text
 
 
 def test_the_harness_loglikelihood_request_scores_continuations_like_the_model(server, base_model):

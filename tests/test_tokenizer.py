@@ -243,6 +243,15 @@ def test_a_message_that_spells_role_tokens_cannot_forge_turns(tokenizer):
     assert tokenizer.document_prompt(forged).count(USER_ID) == 0
 
 
+def test_a_documents_literal_endoftext_is_the_document_boundary_and_a_chat_messages_is_text(tokenizer):
+    """A completion prompt may hold several documents, as transformers, vLLM and llama.cpp read one; a chat
+    message cannot end its conversation."""
+    ids = tokenizer.document_prompt(f"one{END_OF_TEXT}two {USER}")
+    assert ids == [END_OF_TEXT_ID, *tokenizer.encode_text("one"), END_OF_TEXT_ID, *tokenizer.encode_text(f"two {USER}")]
+    assert USER_ID not in ids
+    assert END_OF_TEXT_ID not in tokenizer.chat_prompt([f"one{END_OF_TEXT}two"])
+
+
 def test_chat_prompt_equals_encoding_the_rendered_turns_for_ordinary_text(tokenizer):
     turns = ["Hello, how are you?", "Fine, thanks.", "What is the time?"]
     assert tokenizer.chat_prompt(turns) == tokenizer.sp.encode(render_chat(turns) + f"{ASSISTANT}\n")
