@@ -72,7 +72,7 @@ def hf_config(config):
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
-        "bos_token_id": None,
+        "bos_token_id": END_OF_TEXT_ID,
         "eos_token_id": END_OF_TEXT_ID,
         "pad_token_id": None,
         "torch_dtype": "float32",
@@ -80,14 +80,16 @@ def hf_config(config):
 
 
 def hf_tokenizer_config(context_length, chat):
+    """A document starts with <|endoftext|>, as every training document did and as our server starts a prompt,
+    so the base model's tokenizer adds it as its BOS token; a chat prompt starts with its first turn."""
     special = {UNK_ID: "<unk>", END_OF_TEXT_ID: END_OF_TEXT, USER_ID: USER, ASSISTANT_ID: ASSISTANT}
     config = {
         "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": False,
+        "add_bos_token": not chat,
         "add_eos_token": False,
         "add_prefix_space": False,
         "legacy": False,
-        "bos_token": None,
+        "bos_token": END_OF_TEXT,
         "eos_token": END_OF_TEXT,
         "unk_token": "<unk>",
         "pad_token": None,
@@ -138,9 +140,21 @@ def export_model(model, tokenizer_model, out_dir, name, chat, summary, generatio
         shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
         tokenizer_config = hf_tokenizer_config(model.config.context_length, chat)
         (tmp / "tokenizer_config.json").write_text(json_text(tokenizer_config), encoding="utf-8")
+        write_fast_tokenizer(tmp)
         (tmp / "README.md").write_text(model_card(name, chat, model.num_parameters(), summary), encoding="utf-8")
         listing = {"name": name, "chat": chat, "parameters": model.num_parameters(), "revision": revision, **summary}
         (tmp / "pipeline.json").write_text(json_text(listing), encoding="utf-8")
+
+
+def write_fast_tokenizer(folder):
+    """tokenizer.json beside tokenizer.model and tokenizer_config.json in `folder`: transformers' own conversion
+    of the sentencepiece model, so that loading the folder needs neither sentencepiece nor a conversion (without
+    sentencepiece, transformers would read tokenizer.model as a tiktoken file and fail)."""
+    import transformers  # here, not at the top: only the export stage needs it, and it takes seconds to import
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    (Path(folder) / "tokenizer.json").write_text(tokenizer.backend_tokenizer.to_str(pretty=True) + "\n",
+                                                 encoding="utf-8")
 
 
 def load_export(folder, device="cpu"):

@@ -45,10 +45,10 @@ def scoring_tokenizer(export_dir):
     """The export's tokenizer, prepending `<|endoftext|>` to every text lm-eval encodes.
 
     The model was trained on documents that each start with `<|endoftext|>` (model/encoding.py), and the
-    server prepends it to every prompt, but the export's tokenizer_config.json adds no BOS token (plain
-    `transformers` use gets the text as it is). Scoring a prompt without it scores the model on an input it
-    never saw in training, so the stage makes `<|endoftext|>` the BOS token and adds it: lm-eval's `hf` model
-    then prepends it to every context (and uses it alone as the context of BLiMP's empty one).
+    server prepends it to every document. The base export's tokenizer adds it already; the chat export's adds
+    nothing (a chat prompt starts with its first turn). Scoring a text without it scores the model on an input
+    it never saw in training, so both models are scored with it: lm-eval's `hf` model then prepends it to every
+    context (and uses it alone as the context of BLiMP's empty one).
     """
     return transformers.AutoTokenizer.from_pretrained(export_dir, bos_token=END_OF_TEXT, add_bos_token=True)
 

@@ -95,6 +95,8 @@ def train_bpe(sentences, vocab_size, seed):
     return model.getvalue()
 
 
+# The first byte of a 2-, 3- and 4-byte UTF-8 character: (mask, value).
+UTF8_LEADS = ((0xE0, 0xC0), (0xF0, 0xE0), (0xF8, 0xF0))
 ROLE_STRINGS = re.compile(f"({re.escape(USER)}|{re.escape(ASSISTANT)})")
 
 
@@ -140,7 +142,23 @@ class Tokenizer:
         return table[gather]
 
     def decode(self, ids):
+        """The text of `ids`; a byte that is no part of a whole UTF-8 character is U+FFFD (one per byte)."""
         return self.sp.decode(list(ids))
+
+    def unfinished_character_bytes(self, ids):
+        """How many bytes at the end of `ids`' text start a UTF-8 character they do not finish (0 to 3): byte
+        pieces that later tokens may still complete, which `decode` shows as U+FFFD until then."""
+        tail = []
+        for token in reversed(ids[-3:]):
+            if not self.sp.is_byte(token):
+                break
+            tail.insert(0, int(self.sp.id_to_piece(token)[3:5], 16))
+        for start in range(len(tail) - 1, -1, -1):
+            if tail[start] & 0xC0 == 0x80:  # a continuation byte: look further back for the character's start
+                continue
+            needed = next((length for length, (mask, lead) in enumerate(UTF8_LEADS, 2) if tail[start] & mask == lead), 1)
+            return len(tail) - start if len(tail) - start < needed else 0
+        return 0
 
     def document_prompt(self, text):
         """Ids for continuing `text` as a fresh document (training put <|endoftext|> before each)."""

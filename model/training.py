@@ -10,6 +10,7 @@ sees exactly the batches an uninterrupted run would, and on CPU ends bit-identic
 import json
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -29,6 +30,8 @@ from model.gpt import IGNORE_INDEX, save_model
 
 # Dense bf16 peak of the GPUs we know, for model FLOPs utilisation.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "RTX 3060": 51e12}
+# Figures of a logged window that measure the machine, not the training (see _log_row).
+WALL_CLOCK_FIGURES = ("train/tokens_per_second", "train/mfu")
 
 
 class TrainingError(PipelineError, RuntimeError):
@@ -284,7 +287,10 @@ def train(model, params, *, sample_batch, evaluate, paths, identity, unique_toke
     flops_per_token = model_flops_per_token(model.config)
 
     live = _open_live(paths.live, history) if runtime.is_main else None
-    progress = tqdm(total=params.steps, initial=start_step, desc=desc, disable=not runtime.is_main)
+    # A bar for a person at a terminal; in a log (CI, `dvc repro > log`) a bar writes a line per update, so
+    # there a line per logged window is printed instead.
+    interactive = sys.stderr.isatty()
+    progress = tqdm(total=params.steps, initial=start_step, desc=desc, disable=not (runtime.is_main and interactive))
     tokens_seen = history[-1]["train/tokens"] if history else 0
     window_loss, window_tokens, window_steps = torch.zeros((), device=runtime.device), 0, 0
     # The first step whose gradient was not finite, or -1. Kept on the device and read only when
@@ -338,6 +344,9 @@ def train(model, params, *, sample_batch, evaluate, paths, identity, unique_toke
                 history.append(row)
                 _log_row(live, row)
                 progress.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['train/tokens_per_second']:.0f}")
+                if not interactive:
+                    print(f"{desc}: step {done}/{params.steps}, loss {row['train/loss']:.3f}, "
+                          f"{row['train/tokens_per_second']:.0f} tokens/s", flush=True)
             window_loss.zero_()
             window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
         if runtime.is_main and checkpointing:
@@ -375,9 +384,12 @@ def _open_live(live_dir, history):
 
 
 def _log_row(live, row):
+    """Logs `row` but for its wall-clock figures, which differ from machine to machine (and from run to run):
+    in the tracked metrics and plots they would leave a fresh clone's tree modified after `dvc repro`. They are
+    on the progress line and in the checkpoint's history."""
     live.step = row["step"]
     for name, value in row.items():
-        if name != "step":
+        if name not in ("step", *WALL_CLOCK_FIGURES):
             live.log_metric(name, value, timestamp=False)
     live.make_summary()
 

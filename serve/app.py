@@ -89,6 +89,12 @@ class HostedModel:
         self.name = name
         self.tokenizer = Tokenizer(folder / "tokenizer.model")
         check_same_vocabulary(self.tokenizer, folder / "tokenizer.model", model.config, folder)
+        # The export holds no timestamp (a rerun writes the same bytes): the weights' file time is when it was
+        # written (or checked out) here.
+        self.created = int((folder / "model.safetensors").stat().st_mtime)
+        generation_config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+        self.sampling = {name: generation_config[name] for name in ("temperature", "top_p", "top_k")
+                         if name in generation_config}
         self.tokenizer_digest = hashlib.sha256((folder / "tokenizer.model").read_bytes()).hexdigest()
         tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
         self.tokenizer_info = TokenizerInfo.model_validate(
@@ -102,8 +108,8 @@ class HostedModel:
         self.engine = Engine(model, self.tokenizer, max_batch, precision)
 
     def card(self):
-        return {"id": self.name, "object": "model", "created": 0, "owned_by": "dvc-gpt-pipeline",
-                "context_length": self.context_length, **self.listing}
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "dvc-gpt-pipeline",
+                "context_length": self.context_length, "sampling": self.sampling, **self.listing}
 
     def text_bytes(self, token):
         """The UTF-8 bytes `token` adds to a decoded text: a control token (<|endoftext|>) adds none, a byte

@@ -333,15 +333,16 @@ class Engine:
         finish_reason = request.finished(self.context_length)
         ids = request.new_ids[:-1] if finish_reason == "stop" else request.new_ids
         text = self.tokenizer.decode(ids)
+        # A character the text has only begun is not in it: a later token may finish it, and a reply that ends
+        # first ends without it (an invalid byte inside the text stays U+FFFD).
+        text = text[: len(text) - self.tokenizer.unfinished_character_bytes(ids)]
         for stop in request.stop:
             at = text.find(stop, max(0, request.sent_chars - len(stop)))
             if at != -1:
                 text, finish_reason = text[:at], "stop"
         if finish_reason is None and request.out_of_time():
             finish_reason = "length"
-        if finish_reason is None:
-            # Hold back an unfinished UTF-8 character (decoded as U+FFFD) and a possible stop prefix.
-            text = text.rstrip("\ufffd")
+        if finish_reason is None:  # hold back what may turn out to be the start of a stop string
             text = text[: len(text) - _unsafe_tail(text, request.stop)]
         delta = text[request.sent_chars :]
         request.sent_chars = max(request.sent_chars, len(text))

@@ -311,6 +311,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     context_length: int
+    sampling: dict[str, float] = Field(description="the export's sampling defaults (generation_config.json)")
     chat: bool
     parameters: int
     revision: str

@@ -1,14 +1,21 @@
 """The export is a standard Hugging Face Llama folder: transformers loads it and agrees with us."""
 
 import hashlib
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 from model.dialog import render_chat
 from model.export import export_model, load_export
 from model.generate import Sampling, generate
-from tests.tiny import servable_model
+from tests.server import RunningServer
+from tests.tiny import make_exports, servable_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,11 +58,68 @@ def test_transformers_greedy_continuation_equals_ours(exported, tied):
     assert theirs[0, len(prompt):].tolist()[: len(ours)] == ours
 
 
+# The llama.cpp tokenizer test's texts, and byte fallback (a character no piece covers) and special tokens.
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "In 1998, 42 people paid $3.50 each!",
+         "  two  spaces, a\ttab and\nnew lines\n", "Ünïcödé: naïve café, 東京, emoji 🙂", "x", "x<|user|>y",
+         "ẞ ꙮ 𓀀 ‽", "one<|endoftext|>two"]
+
+
 def test_transformers_tokenizer_matches_sentencepiece(exported):
     tokenizer, models = exported
     hf = transformers.AutoTokenizer.from_pretrained(models[True][1])
-    for text in ["Hello world", "  two  spaces\nand a newline 12345 café", "x<|user|>y", "Emoji 🙂 and 東京"]:
-        assert hf.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+    for text in TEXTS[:-1]:
+        assert hf.encode(text, add_special_tokens=False) == tokenizer.encode(text), text
+
+
+def test_the_tokenizer_loads_without_sentencepiece_and_tokenizes_documents_as_the_server(tokenizer_model_file,
+                                                                                          tokenizer, tmp_path):
+    """tokenizer.json: a fresh `pip install "lm-eval[api,hf]"` has no sentencepiece, and transformers then read
+    tokenizer.model as a tiktoken file and failed."""
+    folders = make_exports(tmp_path, tokenizer_model_file, tokenizer.vocab_size)
+    script = ("import json, sys; sys.modules['sentencepiece'] = None\n"  # an import of it now fails
+              "from transformers import AutoTokenizer\n"
+              "base, chat = (AutoTokenizer.from_pretrained(folder) for folder in sys.argv[1:3])\n"
+              "texts = json.loads(sys.stdin.read())\n"
+              "print(json.dumps([[base.encode(t), chat.encode(t)] for t in texts]))")
+    result = subprocess.run([sys.executable, "-c", script, str(folders["base"]), str(folders["chat"])],
+                            input=json.dumps(TEXTS), capture_output=True, text=True, check=True)
+    for text, (base_ids, chat_ids) in zip(TEXTS, json.loads(result.stdout)):
+        if "<|user|>" not in text:  # our server keeps a role string as text; transformers reads the token
+            assert base_ids == tokenizer.document_prompt(text), text
+        assert chat_ids == base_ids[1:], text  # the chat model's adds no <|endoftext|> before a text
+
+
+def readme_transformers_snippet():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    return next(block for block in blocks if "AutoModelForCausalLM" in block)
+
+
+def test_the_readmes_transformers_snippet_continues_text_as_our_server(tokenizer_model_file, tokenizer, tmp_path,
+                                                                      monkeypatch):
+    """The README's snippet, as written (in a folder whose serve/models holds an export), gives the greedy
+    tokens of our server at fp32, on several prompts."""
+    snippet = readme_transformers_snippet()
+    # Weights scaled up from their small initial values: the text then depends on the whole prompt, first
+    # token included, as a trained model's does (at its initial scale it follows the last token alone).
+    model = servable_model(tokenizer.vocab_size, tie_embeddings=True)
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.mul_(4)
+    export_model(model, tokenizer_model_file, tmp_path / "serve" / "models" / "base", "base", False, {}, {
+        "temperature": 0.8})
+    monkeypatch.chdir(tmp_path)
+    prompts = ["The capital of France is", "Once upon a time", "In 1998, 42 people", "Rivers flow into"]
+    with RunningServer(tmp_path / "serve" / "models", precision="fp32") as server:
+        for prompt in prompts:
+            run = {"print": lambda *args: None}
+            exec(snippet.replace('"The capital of France is"', repr(prompt)), run)
+            reply = httpx.post(server.url + "/v1/completions", json={
+                "model": "base", "prompt": prompt, "max_tokens": 30, "temperature": 0}, timeout=60).json()
+            # The same tokens, decoded as the server decodes: this random model draws byte pieces that make
+            # invalid UTF-8, which tokenizers' decoder and sentencepiece's replace differently.
+            new_ids = run["out"][0, run["ids"].shape[1]:].tolist()
+            assert tokenizer.decode(new_ids) == reply["choices"][0]["text"], prompt
 
 
 def test_chat_template_renders_the_training_format(exported):

@@ -229,6 +229,17 @@ def test_whole_pipeline_trains_evaluates_and_exports_both_models(short_pipeline)
                 "tokenizer_config.json", "README.md"} <= files
 
 
+def test_no_tracked_output_holds_a_wall_clock_figure(short_pipeline):
+    """Throughput differs with the machine and the run: in a tracked output, it would leave a fresh clone's tree
+    modified after `make repro` (the run is otherwise the same bytes on the same machine)."""
+    workspace, _ = short_pipeline
+    for stage in workspace.stages():
+        for path, digest in workspace.digests(workspace.outputs(stage)).items():
+            if path.endswith((".json", ".tsv")):
+                text = (workspace.root / path).read_text(encoding="utf-8")
+                assert "tokens_per_second" not in text and "mfu" not in text, path
+
+
 def test_second_repro_of_the_whole_pipeline_runs_nothing(short_pipeline):
     workspace, lock = short_pipeline
     assert stages_that_ran(workspace.dvc("repro")) == set()
@@ -289,6 +300,8 @@ def test_exp_show_as_the_readme_runs_it_shows_each_sources_bits_per_byte_and_the
     workspace, _ = short_pipeline
     clone = clone_workspace(workspace, tmp_path_factory, "experiments")
     clone.set_params(SHORT_TRAINING)  # the clone has the params of the repository's commit
+    clone.dvc("repro", timeout=900)
+    clone.commit("the baseline, as after `make repro` and a commit")
     clone.dvc("exp", "run", "--name", "four-batches", timeout=900)
     clone.dvc("exp", "run", "--name", "two-batches", "-S", "evaluate.eval_batches=2", timeout=900)
     clone.env["COLUMNS"] = "120"  # rich lays the table out for a terminal this wide
@@ -303,6 +316,13 @@ def test_exp_show_as_the_readme_runs_it_shows_each_sources_bits_per_byte_and_the
     assert "evaluate.eval_batches" in table and "pretrain.lr" not in table
     for hidden in ("loss", "md5", ".dir", "documents", "Created"):
         assert hidden not in table
+    # The README's metrics command fits the same terminal; `dvc metrics show` puts every metric in one row.
+    assert max(map(len, clone.dvc("metrics", "diff", "--all").splitlines())) <= 120
+    # The README's way back to the baseline: the workspace holds the last experiment until then.
+    assert clone.run("git", "status", "--porcelain")
+    clone.run("git", "checkout", "--", ".")
+    clone.dvc("checkout")
+    assert clone.run("git", "status", "--porcelain") == "" and clone.status() == {}
 
 
 EXP_SHOW_DROP = ("Created|.*loss|base.val/dialog|chat.val/(c4|wiki)|data/|stages/|models?/|metrics/|serve/"

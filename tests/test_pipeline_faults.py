@@ -26,6 +26,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from model.training import WALL_CLOCK_FIGURES
 from tests.pipeline_copy import clone_workspace, stages_that_ran
 
 pytestmark = [
@@ -45,13 +46,9 @@ DELAY_S = {"extract_wikipedia": 3.0, "extract_c4": 3.0, "extract_dialog": 3.0, "
            "evaluate": 0.5, "export": 3.0, "gguf": 3.0}
 REPRO_TIMEOUT_S = 300
 
-# Outputs holding wall-clock throughput (tokens/s, MFU on GPUs): equal after removing those values. The
-# checkpoints hold it too, in the logged history of their metadata.
-TIMED_METRICS = ("metrics/pretrain/metrics.json", "metrics/finetune/metrics.json")
-TIMED_PLOTS = ("metrics/pretrain/plots/metrics", "metrics/finetune/plots/metrics")
+# The checkpoints hold wall-clock throughput (tokens/s, MFU on GPUs) in the logged history of their metadata:
+# equal after removing those values. No DVC output holds it.
 CHECKPOINTS = ("checkpoints/pretrain.safetensors", "checkpoints/finetune.safetensors")
-TIMED = TIMED_METRICS + TIMED_PLOTS + CHECKPOINTS
-TIMING_NAMES = ("tokens_per_second", "mfu")
 
 
 class Repro:
@@ -146,7 +143,7 @@ def _checkpoint_state(path):
 
 def _unfinished_outputs(workspace, reference, stage):
     """Files of the killed stage's outputs that exist but differ from the uninterrupted run's."""
-    paths = [path for path in workspace.outputs(stage) if path not in TIMED]
+    paths = workspace.outputs(stage)
     expected = reference.digests(paths)
     return sorted(path for path, digest in workspace.digests(paths).items() if expected.get(path) != digest)
 
@@ -215,51 +212,23 @@ def test_pipeline_completes_with_nothing_left_to_run_or_clean_up(kills):
     assert leftovers == []
 
 
-def _without_timing(value):
-    """`value` without throughput entries: nested ({"train": {"tokens_per_second": ...}}, as in metrics.json)
-    or flat ({"train/tokens_per_second": ...}, as in the checkpoints' history)."""
-    if isinstance(value, dict):
-        return {key: _without_timing(item) for key, item in value.items()
-                if key.rsplit("/", 1)[-1] not in TIMING_NAMES}
-    return value
-
-
-def _lock_without_timing(lock):
-    """dvc.lock with the hashes of the outputs that hold wall-clock throughput removed (their paths stay)."""
-    stages = {}
-    for name, stage in lock["stages"].items():
-        stage = dict(stage)
-        for kind in ("deps", "outs"):
-            stage[kind] = [{"path": entry["path"]} if entry["path"] in TIMED else entry
-                           for entry in stage.get(kind, [])]
-        stages[name] = stage
-    return stages
-
-
-def _timed_contents(workspace):
-    """The timed outputs' contents without the timing: metrics without throughput; plots whole, but of
-    the throughput plots only their step column; checkpoints' tensors and metadata, without throughput
-    in the logged history."""
-    contents = {path: _without_timing(workspace.json(path)) for path in TIMED_METRICS}
+def _checkpoints_without_timing(workspace):
+    """The checkpoints' tensors and metadata, without throughput in the logged history."""
+    contents = {}
     for path in CHECKPOINTS:
         with safe_open(workspace.root / path, framework="pt") as f:
             metadata = f.metadata()
-        history = [_without_timing(row) for row in json.loads(metadata.pop("history"))]
+        history = [{key: value for key, value in row.items() if key not in WALL_CLOCK_FIGURES}
+                   for row in json.loads(metadata.pop("history"))]
         tensors = {name: tensor.numpy().tobytes() for name, tensor in load_file(workspace.root / path).items()}
         contents[path] = {"metadata": metadata, "history": history, "tensors": tensors}
-    for folder in TIMED_PLOTS:
-        for file in sorted((workspace.root / folder).rglob("*.tsv")):
-            lines = file.read_text(encoding="utf-8").splitlines()
-            if file.stem in TIMING_NAMES:
-                lines = [line.split("\t")[0] for line in lines]
-            contents[file.relative_to(workspace.root).as_posix()] = lines
     return contents
 
 
 def test_final_lock_and_outputs_equal_the_uninterrupted_run(kills, short_pipeline):
     _, _, workspace = kills
     reference, reference_lock = short_pipeline
-    assert _lock_without_timing(workspace.lock()) == _lock_without_timing(reference_lock)
-    assert _timed_contents(workspace) == _timed_contents(reference)
-    untimed = [path for stage in workspace.stages() for path in workspace.outputs(stage) if path not in TIMED]
-    assert workspace.digests(untimed) == reference.digests(untimed)
+    assert workspace.lock() == reference_lock
+    assert _checkpoints_without_timing(workspace) == _checkpoints_without_timing(reference)
+    outputs = [path for stage in workspace.stages() for path in workspace.outputs(stage)]
+    assert workspace.digests(outputs) == reference.digests(outputs)

@@ -2,7 +2,9 @@
 
 import asyncio
 import json
+import re
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -47,6 +49,19 @@ def test_models_are_listed_with_their_metadata_and_broken_folders_skipped(client
     chat = models["chat"].model_dump()
     assert chat["chat"] is True and chat["parameters"] > 0 and len(chat["revision"]) == 12
     assert chat["metrics"] == {"val/dialog/loss": 3.0}
+
+
+def test_models_are_listed_with_their_sampling_defaults_and_the_time_their_weights_were_written(server, models_dir):
+    for card in httpx.get(server.url + "/v1/models").json()["data"]:
+        assert card["created"] == int((models_dir / card["id"] / "model.safetensors").stat().st_mtime) > 0
+        assert card["sampling"] == {"temperature": 0.8, "top_k": 50}  # tests/tiny.py's generation settings
+
+
+def test_the_readmes_openai_example_runs_as_written(server):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "from openai" in block)
+    assert "http://127.0.0.1:8080/v1" in snippet
+    exec(snippet.replace("http://127.0.0.1:8080/v1", server.url + "/v1"), {})
 
 
 def test_health(server):
@@ -140,6 +155,41 @@ def test_streamed_completion_equals_the_whole_reply(client):
     assert len(chunks) > 1
     assert "".join(chunk.choices[0].text for chunk in chunks) == whole
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def byte_piece(tokenizer, value):
+    return tokenizer.sp.piece_to_id(f"<0x{value:02X}>")
+
+
+@pytest.mark.parametrize("script, text", [
+    (lambda t: [byte_piece(t, 0xE6)], ""),  # a character begun at the end: not in the reply
+    (lambda t: t.encode("a") + [byte_piece(t, 0xF0), byte_piece(t, 0x9F)], "a"),
+    (lambda t: [byte_piece(t, 0xE6), *t.encode("a")], "\ufffda"),  # a byte no character can hold
+    (lambda t: [byte_piece(t, 0xE6), byte_piece(t, 0x9D), byte_piece(t, 0xB1)], "東"),  # finished by later tokens
+], ids=["lead-byte-at-the-end", "two-of-four-bytes-at-the-end", "invalid-inside", "whole-character"])
+def test_a_reply_holds_only_whole_characters_and_u_fffd_for_invalid_bytes(server, base_model, monkeypatch, script,
+                                                                          text):
+    """Sampled byte pieces: a reply (and every stream chunk) has only the characters its bytes finish; a byte
+    that cannot be part of one is U+FFFD, as in any UTF-8 decoder."""
+    import serve.engine
+
+    _, tokenizer = base_model
+    tokens = script(tokenizer)
+    drawn = []
+
+    def scripted(logits, requests):  # the request's next scripted token, whatever the model says
+        drawn.append(tokens[len(drawn)])
+        return drawn[-1:]
+
+    monkeypatch.setattr(serve.engine, "next_tokens", scripted)
+    body = {"model": "base", "prompt": "Hi", "max_tokens": len(tokens)}
+    reply = post(server, "/v1/completions", json.dumps(body)).json()
+    assert reply["choices"][0]["text"] == text
+    drawn.clear()
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=30) as stream:
+        chunks = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
+    deltas = [chunk["choices"][0]["text"] for chunk in chunks]
+    assert "".join(deltas) == text  # so no chunk showed a U+FFFD that a later token took back
 
 
 def test_chat_multi_turn_and_streaming(client):

@@ -226,14 +226,17 @@ def _per_item_loglikelihoods(results):
 def test_lm_eval_scores_the_server_as_its_hf_model_scores_the_export(exports, task):
     """lm-eval's `local-completions` model against `python -m serve` (fp32), with the tokenizer backend it
     detects by itself (ours: /tokenizer_info, /tokenize), gives every item the log-likelihoods, and every task
-    the accuracy, that lm-eval's `hf` model gives on the same export."""
+    the accuracy, that lm-eval's `hf` model gives on the same export, fed the same tokens."""
     with RunningServer(exports["base"].parent, precision="fp32") as server:
         served = lm_eval.simple_evaluate(
             model="local-completions", tasks=[load_task(task, sample_source(task)).spec], task_manager=stock_tasks(),
             model_args={"model": "base", "base_url": f"{server.url}/v1/completions", "max_length": 128},
             log_samples=True)
+    # lm-eval sends a server the token ids of a context as they are; its hf model adds the base tokenizer's
+    # <|endoftext|> unless told not to.
     exported = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(exports["base"]), "dtype": "float32", "device": "cpu"},
+        model="hf", model_args={"pretrained": str(exports["base"]), "dtype": "float32", "device": "cpu",
+                                "add_bos_token": False},
         tasks=[load_task(task, sample_source(task)).spec], task_manager=stock_tasks(), log_samples=True)
     ours, theirs = _per_item_loglikelihoods(served), _per_item_loglikelihoods(exported)
     assert ours.keys() == theirs.keys() and len(ours) == SAMPLE_ITEMS[task]

@@ -124,3 +124,73 @@ def test_a_failed_message_goes_back_into_the_box_and_greedy_is_offered(page):
     WebDriverWait(page, 20).until(lambda b: b.find_element(By.ID, "error").text)
     assert page.find_element(By.ID, "input").get_attribute("value") == "Please keep this text"
     assert page.find_elements(By.CSS_SELECTOR, ".turn.user.unsent")
+
+
+CONTEXT = 128  # tests/tiny.py's make_exports: the sample profile's chat model has the same context
+A_NEW_USERS_CHAT = [  # short to medium messages, one of them 34 words long (52 tokens of chat prompt alone)
+    "Hello! How are you today?",
+    "Can you tell me something about the river?",
+    "I walked along the old stone bridge this morning and watched the brown water run under it while the town was "
+    "still quiet; how long do you think a bridge like that can stand?",
+    "What do you think about that?",
+    "Tell me a short story about the town and its market.",
+    "Thank you, goodbye!",
+]
+
+
+def reload(browser):
+    """The page as a new user opens it: every setting at its default."""
+    browser.refresh()
+    WebDriverWait(browser, 20).until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 2)
+
+
+def test_a_new_users_chat_on_the_default_settings_is_never_refused(page):
+    """The issue's conversation on the page's defaults: a 128-token context takes every message (with fewer new
+    tokens where the conversation leaves less room, and the oldest turns left out only when not one fits), the
+    note about those turns shows once, and Max tokens is bounded by the context, not the server's 4096."""
+    reload(page)
+    Select(page.find_element(By.ID, "model")).select_by_value("chat")
+    max_tokens = page.find_element(By.ID, "max-tokens")
+    assert max_tokens.get_attribute("max") == str(CONTEXT)
+    default = int(max_tokens.get_attribute("value"))
+    assert 1 <= default <= CONTEXT // 2  # room left for the prompt
+    assert page.find_element(By.ID, "temperature").get_attribute("value") == "0.8"  # the export's sampling
+    for message in A_NEW_USERS_CHAT:
+        send(page, message)
+        assert page.find_element(By.ID, "error").text == ""
+        assert not page.find_elements(By.CSS_SELECTOR, ".unsent")
+    assert [turn.text for turn in page.find_elements(By.CSS_SELECTOR, ".turn.user")] == A_NEW_USERS_CHAT
+    assert len(page.find_elements(By.CSS_SELECTOR, ".turn.assistant")) == len(A_NEW_USERS_CHAT)
+    notes = [note.text for note in page.find_elements(By.CSS_SELECTOR, ".note")]
+    assert len([note for note in notes if "no longer fit" in note]) <= 1
+    for note in page.find_elements(By.CSS_SELECTOR, ".limit"):
+        assert note.text.startswith(f"Max tokens lowered from {default} to ")
+    # Over the bound: the page says what the bound is instead of sending a request the schema refuses.
+    max_tokens.clear()
+    max_tokens.send_keys("100000")
+    page.find_element(By.ID, "input").send_keys("One more thing")
+    page.find_element(By.ID, "send").click()
+    WebDriverWait(page, 20).until(lambda b: b.find_element(By.ID, "error").text)
+    error = page.find_element(By.ID, "error").text
+    assert str(CONTEXT) in error and "4096" not in error
+    assert page.find_element(By.ID, "input").get_attribute("value") == "One more thing"
+
+
+def test_max_tokens_over_the_room_left_is_lowered_and_said_so(page):
+    """Max tokens at the whole context leaves no room for any prompt: the page asks for what fits, for a chat
+    and for a completion, and says so under the reply; choosing a model restores its defaults."""
+    reload(page)
+    for name, text in (("chat", "Hello there"), ("base", "The capital of France is")):
+        Select(page.find_element(By.ID, "model")).select_by_value(name)
+        page.find_element(By.ID, "max-tokens").clear()
+        page.find_element(By.ID, "max-tokens").send_keys(str(CONTEXT))
+        send(page, text)
+        assert page.find_element(By.ID, "error").text == ""
+        assert page.find_elements(By.CSS_SELECTOR, ".turn.assistant, .turn.completion")
+        note = page.find_element(By.CSS_SELECTOR, ".limit").text
+        assert note.startswith(f"Max tokens lowered from {CONTEXT} to ")
+        lowered = int(note.split(" to ")[1].split()[0])
+        prompt = int(note.split("the prompt takes ")[1].split()[0])
+        assert lowered == CONTEXT - prompt and 0 < lowered < CONTEXT
+    Select(page.find_element(By.ID, "model")).select_by_value("chat")
+    assert int(page.find_element(By.ID, "max-tokens").get_attribute("value")) < CONTEXT
