@@ -28,6 +28,11 @@ twelve runs below. The smaller size keeps every arm and both seeds.)
 - default at 2/3 and 1/2 of the tokens: when does the new recipe reach tuned AdamW's final figure.
 A second size (6 layers, width 64) repeats reference, sweep and default with one seed, to show
 that the default needs no retuning when the width changes.
+3. The reference, tuned AdamW and the default at the main size, seed 0, are exported (model/export.py) and
+   scored on lm-evaluation-harness's stock tasks with the task_scores stage's code, on the real task copies
+   in ../shared/eval (benchmarks/task_scores.py: --blimp-limit pairs per BLiMP paradigm, --limit items of
+   the other tasks); section "## Training recipe: task scores". With --task-arms-only, only those three runs
+   are trained (or reused), and only that section is written.
 """
 
 import argparse
@@ -45,12 +50,15 @@ import yaml
 from safetensors import safe_open
 
 from benchmarks.report import machine_line, write_section
-from model.gpt import GPT, GPTConfig
+from model.export import export_model
+from model.gpt import GPT, GPTConfig, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus"
 COMMAND = ".venv/bin/python -m benchmarks.recipe"
 HEADING = "## Training recipe (real text)"
+TASK_HEADING = "## Training recipe: task scores"
+MEASURED_TUNED_LR = 6e-3  # the sweep's best at seed 0 (BENCHMARKS.md), for --task-arms-only
 SOURCES = ("wikipedia", "c4")
 
 CONTEXT = 256
@@ -258,13 +266,91 @@ def report(results, tuned_lr, small_tuned_lr, meta, seconds):
     return "\n".join(lines)
 
 
+def score_arms(work, tokens, arms, blimp_limit, limit):
+    """{arm label: {task: figures}} of each arm's seed-0 model on the real task copies (task_scores stage code)."""
+    from benchmarks.task_scores import SOURCES, score
+    from model.task_scores import load_suite
+
+    suite = load_suite(SOURCES)
+    limits = {task.name: blimp_limit if task.name == "blimp" else limit for task in suite.tasks}
+    exports = {}
+    for label, name in arms.items():
+        folder = work / "runs" / f"{name}-seed0"
+        exports[label] = folder / "export"
+        if not (exports[label] / "config.json").exists():
+            export_model(load_model(folder / "model"), tokens.parent / "tokenizer.model", exports[label], name, False,
+                         {"metrics": {}}, {"temperature": 0.8, "top_k": 50})
+    return score(exports, suite, limits)
+
+
+def task_report(results, scores, arms, blimp_limit, limit, meta):
+    from benchmarks.task_scores import PUBLISHED, TITLES, percent
+
+    lines = [
+        f"Command: `{COMMAND} --task-arms-only --blimp-limit {blimp_limit} --limit {limit}`. {machine_line()} "
+        f"The models of the table above (3.7M parameters, {STEPS * BATCH * CONTEXT / 1e6:.2f}M tokens of real "
+        f"Wikipedia and C4, 8,192-token BPE, context {CONTEXT}), seed 0, exported and scored by the task_scores "
+        f"stage's code (lm-eval 0.4.13's stock tasks, fp32, 0-shot, `<|endoftext|>` before each text) on "
+        f"`../shared/eval`: a seeded sample of {blimp_limit} pairs per BLiMP paradigm (all 67) and of {limit} items "
+        f"of every other task, among those that fit the context of {CONTEXT} tokens. Accuracy in percent ± its "
+        f"standard error (lm-eval's, over items; the seed spread of the bits per byte is in the table above). "
+        f"Chance: 50 for BLiMP and PIQA, about 25 for ARC-Easy and HellaSwag. HellaSwag here is a "
+        f"reconstruction, not comparable to published figures.",
+        "",
+        "| arm | Wikipedia / C4 bpb | BLiMP | LAMBADA acc (perplexity) | PIQA acc / acc_norm | "
+        "ARC-Easy acc / acc_norm | HellaSwag acc / acc_norm |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, name in arms.items():
+        tasks, history = scores[label], results[(name, 0)]
+        lambada = tasks["lambada_openai"]
+        cells = [f"{final(history, 'wikipedia'):.4f} / {final(history, 'c4'):.4f}", percent(tasks["blimp"], "acc"),
+                 f"{percent(lambada, 'acc')} ({lambada['perplexity']:,.0f})"]
+        cells += [f"{percent(tasks[t], 'acc')} / {percent(tasks[t], 'acc_norm')}" for t in ("piqa", "arc_easy", "hellaswag")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Items scored (left out as too long for the context):", "",
+              "| arm | " + " | ".join(TITLES.values()) + " |", "|---|" + "---:|" * len(TITLES)]
+    for label in arms:
+        lines.append(f"| {label} | " + " | ".join(f"{scores[label][t]['items']:,} ({scores[label][t]['too_long']:,})"
+                                                  for t in TITLES) + " |")
+    lines += ["", "Published figures (percent), with the scale behind them: every one of these models is larger, "
+                  "or has seen far more text, than these 3.7M-parameter models trained on "
+                  f"{STEPS * BATCH * CONTEXT / 1e6:.2f}M tokens.", "",
+              "| model | " + " | ".join(TITLES.values()) + " |", "|---|" + "---|" * len(TITLES)]
+    for model, figures in PUBLISHED:
+        lines.append(f"| {model} | " + " | ".join(figures.get(t, "") for t in TITLES) + " |")
+    for label in arms:
+        lines.append(f"| ours: {label} | " + " | ".join(f"{100 * scores[label][t]['acc']:.1f}" for t in TITLES) + " |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/recipe-benchmark"))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
+    parser.add_argument("--task-arms-only", action="store_true",
+                        help="train only the three scored arms (seed 0) and write only the task-score section")
+    parser.add_argument("--blimp-limit", type=int, default=100, help="task scores: pairs per BLiMP paradigm")
+    parser.add_argument("--limit", type=int, default=500, help="task scores: items of every other task")
     args = parser.parse_args()
     tokens = prepare_data(args.work)
     default = base_params()["pretrain"]
+    meta = json.loads((tokens / "meta.json").read_text(encoding="utf-8"))
+
+    def write_task_scores(results, tuned_lr):
+        arms = {"reference recipe": "reference", f"tuned AdamW (lr {tuned_lr:g})": f"adamw-{tuned_lr:g}",
+                "new default (Muon, WSD)": "default"}
+        scores = score_arms(args.work, tokens, arms, args.blimp_limit, args.limit)
+        body = task_report(results, scores, arms, args.blimp_limit, args.limit, meta)
+        print(body)
+        write_section(TASK_HEADING, body)
+
+    if args.task_arms_only:
+        specs = [run_spec("reference", 0, MAIN_MODEL, reference_train(6e-4)),
+                 run_spec(f"adamw-{MEASURED_TUNED_LR:g}", 0, MAIN_MODEL, reference_train(MEASURED_TUNED_LR)),
+                 run_spec("default", 0, MAIN_MODEL, default)]
+        write_task_scores(run_all(args.work, tokens, specs, args.jobs), MEASURED_TUNED_LR)
+        return
 
     def sweep(prefix, model, seeds):
         return [run_spec(f"{prefix}adamw-{lr:g}", seed, model, reference_train(lr))
@@ -286,12 +372,12 @@ def main():
     if (f"adamw-{tuned_lr:g}", SEEDS[1]) not in results:
         second = run_spec(f"adamw-{tuned_lr:g}", SEEDS[1], MAIN_MODEL, reference_train(tuned_lr))
         results.update(run_all(args.work, tokens, [second], 1))
-    meta = json.loads((tokens / "meta.json").read_text(encoding="utf-8"))
     run_seconds = sum(history[-1]["seconds"] for (name, _), history in results.items()
                       if not name.endswith(f"adamw-{6e-4:g}"))  # the reference, listed twice
     body = report(results, tuned_lr, small_tuned_lr, meta, run_seconds)
     print(body)
     write_section(HEADING, body)
+    write_task_scores(results, tuned_lr)
 
 
 if __name__ == "__main__":
