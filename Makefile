@@ -26,7 +26,10 @@ node_modules/.installed: package.json package-lock.json
 repro: setup
 	dvc repro
 
+# Lint (pyproject.toml: rules that catch real defects) and formatting first: a failure there fails `make test`.
 test: setup
+	ruff check .
+	ruff format --check .
 	python -m pytest -q tests
 
 # llama.cpp itself (llama-cpp-python, built from the converter's source distribution, for any x86-64 CPU:

@@ -38,7 +38,8 @@ from benchmarks.report import write_section  # noqa: E402
 from model.corpus import clean_c4, clean_wikipedia, extract_documents  # noqa: E402
 from model.encoding import encode_documents  # noqa: E402
 from model.sources import stream_records  # noqa: E402
-from model.tokenizer import END_OF_TEXT_ID, CorpusTooSmallError, bpe_lines, sample_sentences, train_bpe  # noqa: E402
+from model.special_tokens import END_OF_TEXT_ID  # noqa: E402
+from model.tokenizer import CorpusTooSmallError, bpe_lines, sample_sentences, train_bpe  # noqa: E402
 
 CORPUS = REPO.parent / "shared" / "corpus"
 PROFILE = REPO / "configs" / "ryangpt.yaml"
@@ -57,6 +58,7 @@ BUSY_MACHINE_SHARE = 0.05  # above this share of CPU used by other processes, th
 
 
 # --- inputs ---------------------------------------------------------------------------------------
+
 
 def load_profile():
     return yaml.safe_load(PROFILE.read_text(encoding="utf-8"))
@@ -82,6 +84,7 @@ def words_of(lines):
 
 
 # --- synthetic corpora for the scaling curve --------------------------------------------------------
+
 
 def heaps_exponent(lines, seed):
     """beta of distinct words ~ tokens**beta, fitted on prefixes of the slice's lines in seeded order."""
@@ -126,7 +129,8 @@ def variant_lines(lines, n_lines, beta, seed):
         for position, (head, tail) in zip(replaced.tolist(), donors.tolist()):
             line = int(line_of_word[position])
             changed.setdefault(line, list(words[line]))[position - int(first_word[line])] = blend(
-                vocabulary[head], vocabulary[tail])
+                vocabulary[head], vocabulary[tail]
+            )
         out.extend(" ".join(changed[i]) if i in changed else line for i, line in enumerate(lines))
         copy += 1
     return out[:n_lines]
@@ -137,6 +141,7 @@ def replicated_lines(lines, n_lines):
 
 
 # --- measurements ---------------------------------------------------------------------------------
+
 
 def median_seconds(run):
     """Median wall time of REPEATS calls of `run`, and the last call's result."""
@@ -180,11 +185,21 @@ def bench_bpe(lines, profile):
     for n in counts:
         variants_s, _ = time_bpe(synthetic[:n], vocab, profile)
         replicated_s, _ = time_bpe(replicated_lines(lines, n), vocab, profile)
-        rows.append({"lines": n, "distinct": len(words_of(synthetic[:n])), "variants_s": variants_s,
-                     "replicated_s": replicated_s})
+        rows.append(
+            {
+                "lines": n,
+                "distinct": len(words_of(synthetic[:n])),
+                "variants_s": variants_s,
+                "replicated_s": replicated_s,
+            }
+        )
     fit = np.polyfit(np.log(counts[:-1]), np.log([row["variants_s"] for row in rows[:-1]]), 1)
     return {
-        "vocab": vocab, "too_small": too_small, "beta": beta, "rows": rows, "fit_exponent": fit[0],
+        "vocab": vocab,
+        "too_small": too_small,
+        "beta": beta,
+        "rows": rows,
+        "fit_exponent": fit[0],
         "on_slice": {size: seconds for size, (seconds, _) in on_slice.items()},
         "model": on_slice[vocab][1],
         "extrapolated_s": math.exp(np.polyval(fit, math.log(counts[-1]))),
@@ -202,12 +217,17 @@ def bench_encoding(texts, model):
         reference_s, ids = median_seconds(lambda: processor.encode(texts, num_threads=ENCODE_THREADS))
     reference = np.fromiter((i for doc in ids for i in (*doc, END_OF_TEXT_ID)), dtype=tokens.dtype)
     return {
-        "documents": len(texts), "bytes": utf8_bytes(texts), "tokens": int(tokens.size),
-        "project_s": project_s, "reference_s": reference_s, "identical": np.array_equal(tokens, reference),
+        "documents": len(texts),
+        "bytes": utf8_bytes(texts),
+        "tokens": int(tokens.size),
+        "project_s": project_s,
+        "reference_s": reference_s,
+        "identical": np.array_equal(tokens, reference),
     }
 
 
 # --- report ---------------------------------------------------------------------------------------
+
 
 def busy_cpu_seconds():
     """CPU seconds the whole machine has been busy since boot (/proc/stat), and those of this process."""
@@ -219,8 +239,10 @@ def busy_cpu_seconds():
 
 def machine():
     cpu = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
-    return (f"{os.cpu_count()} cores ({cpu.group(1) if cpu else 'unknown CPU'}), Python "
-            f"{platform.python_version()}, torch {torch.__version__}, sentencepiece {spm.__version__}")
+    return (
+        f"{os.cpu_count()} cores ({cpu.group(1) if cpu else 'unknown CPU'}), Python "
+        f"{platform.python_version()}, torch {torch.__version__}, sentencepiece {spm.__version__}"
+    )
 
 
 def render_header(info, corpus):
@@ -232,8 +254,11 @@ def render_header(info, corpus):
         "",
     ]
     if info["others_share"] > BUSY_MACHINE_SHARE:
-        lines += ["**Warning: the machine was busy with other work during this run; the times below are "
-                  "inflated. Rerun on an idle machine.**", ""]
+        lines += [
+            "**Warning: the machine was busy with other work during this run; the times below are "
+            "inflated. Rerun on an idle machine.**",
+            "",
+        ]
     return lines + [
         f"Input: the Wikipedia `20231101.en` and C4 `en` slices, cleaned as the extract stages clean them "
         f"(min_chars from `configs/ryangpt.yaml`): {corpus['documents']:,} documents, {corpus['lines']:,} "
@@ -261,8 +286,10 @@ def render_bpe(info, corpus, bpe):
         "| lines | distinct words (variants) | variants (s) | replicated (s) |",
         "|---:|---:|---:|---:|",
     ]
-    lines += [f"| {row['lines']:,} | {row['distinct']:,} | {row['variants_s']:.2f} | {row['replicated_s']:.2f} |"
-              for row in rows]
+    lines += [
+        f"| {row['lines']:,} | {row['distinct']:,} | {row['variants_s']:.2f} | {row['replicated_s']:.2f} |"
+        for row in rows
+    ]
     return lines + [
         "",
         f"Full ryangpt corpus ({info['full_bytes'] / MB:.0f} MB; `tokenizer.max_sentences` = {full['lines']:,} "
@@ -316,13 +343,19 @@ def render(info, corpus, bpe, encoding):
 def main():
     profile = load_profile()
     start_wall, (start_machine, start_own) = time.perf_counter(), busy_cpu_seconds()
-    info = {"machine": machine(),
-            "full_bytes": profile["wikipedia"]["max_bytes"] + profile["c4"]["max_bytes"],
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    info = {
+        "machine": machine(),
+        "full_bytes": profile["wikipedia"]["max_bytes"] + profile["c4"]["max_bytes"],
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
     texts = load_slice(profile)
     lines = bpe_lines(texts)
-    corpus = {"documents": len(texts), "lines": len(lines), "bytes": utf8_bytes(texts),
-              "distinct": len(words_of(lines))}
+    corpus = {
+        "documents": len(texts),
+        "lines": len(lines),
+        "bytes": utf8_bytes(texts),
+        "distinct": len(words_of(lines)),
+    }
     bpe = bench_bpe(lines, profile)
     encoding = bench_encoding(texts, bpe["model"])
     end_machine, end_own = busy_cpu_seconds()

@@ -54,8 +54,10 @@ def plain_greedy(model, prompt_ids, tokens):
         for block, (keys, values) in zip(model.layers, caches):
             attn = block.attn
             h = F.rms_norm(x, (config.d_model,), block.attn_norm.weight, config.norm_eps)
-            q, k, v = (F.linear(h, proj.weight).view(1, length, config.n_heads, config.head_dim).transpose(1, 2)
-                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            q, k, v = (
+                F.linear(h, proj.weight).view(1, length, config.n_heads, config.head_dim).transpose(1, 2)
+                for proj in (attn.q_proj, attn.k_proj, attn.v_proj)
+            )
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             keys[:, :, position : position + length] = k
             values[:, :, position : position + length] = v
@@ -64,8 +66,9 @@ def plain_greedy(model, prompt_ids, tokens):
             x = x + F.linear(y.transpose(1, 2).reshape(1, length, config.d_model), attn.o_proj.weight)
             h = F.rms_norm(x, (config.d_model,), block.mlp_norm.weight, config.norm_eps)
             mlp = block.mlp
-            x = x + F.linear(F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight),
-                             mlp.down_proj.weight)
+            x = x + F.linear(
+                F.silu(F.linear(h, mlp.gate_proj.weight)) * F.linear(h, mlp.up_proj.weight), mlp.down_proj.weight
+            )
         x = F.rms_norm(x[:, -1:], (config.d_model,), model.norm.weight, config.norm_eps)
         next_id = F.linear(x, model.lm_head.weight).argmax(dim=-1)
         out.append(int(next_id))
@@ -153,8 +156,13 @@ def main():
             "ours, int8": lambda: engine_greedy(engines["int8"], prompt, args.tokens),
             "plain reference, fp32": lambda: plain_greedy(model, prompt, args.tokens),
             "Hugging Face generate, fp32": lambda: hf.generate(
-                torch.tensor([prompt]), max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-                eos_token_id=None, pad_token_id=0)[0, len(prompt) :].tolist(),
+                torch.tensor([prompt]),
+                max_new_tokens=args.tokens,
+                min_new_tokens=args.tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist(),
         }
         speeds, texts, bandwidth, product, kernel = {}, {}, {}, {}, {}
         for threads in args.threads:
@@ -175,7 +183,8 @@ def main():
                     for rows in KERNEL_ROWS:
                         for position in KERNEL_POSITIONS:
                             kernel[(threads, precision, position, rows)] = max(
-                                kernel_steps(rowwise, precision, rows, position) for _ in range(REPEATS))
+                                kernel_steps(rowwise, precision, rows, position) for _ in range(REPEATS)
+                            )
     agree = texts["ours, fp32"] == texts["plain reference, fp32"] == texts["Hugging Face generate, fp32"]
     lines = [
         f"Command: `{COMMAND} --tokens {args.tokens} --threads {' '.join(map(str, args.threads))}`. {machine_line()} "
@@ -194,29 +203,45 @@ def main():
         for name in runs:
             values = speeds[(threads, name)]
             median = statistics.median(values)
-            lines.append(f"| {threads} | {name} | {median:.0f} ({min(values):.0f} to {max(values):.0f}) | "
-                         f"{median / plain:.2f}x | {median / hf_speed:.2f}x |")
-    ratios = [statistics.median(speeds[(threads, "Hugging Face generate, fp32")])
-              / statistics.median(speeds[(threads, "plain reference, fp32")]) for threads in args.threads]
-    lines += ["", f"Sanity check of the references: `generate` runs at {min(ratios):.2f} to {max(ratios):.2f} of the "
-                  f"plain loop's speed, as expected of its per-step overhead (its logits processors and cache "
-                  f"objects). The absolute figures follow this machine's memory bandwidth: "
-                  + ", ".join(f"{bandwidth[threads]:.0f} GB/s with {threads} thread(s)" for threads in args.threads)
-                  + " (summing a 200 MB tensor); a token reads the fp32 weights but the embedding's, "
-                  f"{weight_bytes / 1e6:.0f} MB, and torch's own one-row product (F.linear, the plain loop's step, "
-                  f"on the 16000 x 320 head) reads them at "
-                  + ", ".join(f"{product[threads]:.1f} GB/s with {threads} thread(s)" for threads in args.threads)
-                  + ": the plain loop's speed follows from it and its per-step overhead."]
-    lines += ["", "The decode kernel alone (`RowwiseDecoder`: one call per step, no sampling, no engine), several "
-                  "sequences decoded together at one position, best of 3 runs of 30 steps: the ceiling for that many "
-                  "streams (int8 keeps the KV cache in 16-bit floats, fp32 in 32-bit).", "",
-              "| torch threads | precision | position | " + " | ".join(f"{rows} rows (tokens/s)" for rows in KERNEL_ROWS)
-              + " | 16 rows / 1 row | 64 rows / 1 row |",
-              "|---:|---|---:|" + "---:|" * (len(KERNEL_ROWS) + 2)]
+            lines.append(
+                f"| {threads} | {name} | {median:.0f} ({min(values):.0f} to {max(values):.0f}) | "
+                f"{median / plain:.2f}x | {median / hf_speed:.2f}x |"
+            )
+    ratios = [
+        statistics.median(speeds[(threads, "Hugging Face generate, fp32")])
+        / statistics.median(speeds[(threads, "plain reference, fp32")])
+        for threads in args.threads
+    ]
+    lines += [
+        "",
+        f"Sanity check of the references: `generate` runs at {min(ratios):.2f} to {max(ratios):.2f} of the "
+        f"plain loop's speed, as expected of its per-step overhead (its logits processors and cache "
+        f"objects). The absolute figures follow this machine's memory bandwidth: "
+        + ", ".join(f"{bandwidth[threads]:.0f} GB/s with {threads} thread(s)" for threads in args.threads)
+        + " (summing a 200 MB tensor); a token reads the fp32 weights but the embedding's, "
+        f"{weight_bytes / 1e6:.0f} MB, and torch's own one-row product (F.linear, the plain loop's step, "
+        f"on the 16000 x 320 head) reads them at "
+        + ", ".join(f"{product[threads]:.1f} GB/s with {threads} thread(s)" for threads in args.threads)
+        + ": the plain loop's speed follows from it and its per-step overhead.",
+    ]
+    lines += [
+        "",
+        "The decode kernel alone (`RowwiseDecoder`: one call per step, no sampling, no engine), several "
+        "sequences decoded together at one position, best of 3 runs of 30 steps: the ceiling for that many "
+        "streams (int8 keeps the KV cache in 16-bit floats, fp32 in 32-bit).",
+        "",
+        "| torch threads | precision | position | "
+        + " | ".join(f"{rows} rows (tokens/s)" for rows in KERNEL_ROWS)
+        + " | 16 rows / 1 row | 64 rows / 1 row |",
+        "|---:|---|---:|" + "---:|" * (len(KERNEL_ROWS) + 2),
+    ]
     for threads, precision, position in itertools.product(args.threads, ("fp32", "int8"), KERNEL_POSITIONS):
         figures = {rows: kernel[(threads, precision, position, rows)] for rows in KERNEL_ROWS}
-        lines.append(f"| {threads} | {precision} | {position} | " + " | ".join(f"{value:.0f}" for value in figures.values())
-                     + f" | {figures[16] / figures[1]:.1f}x | {figures[64] / figures[1]:.1f}x |")
+        lines.append(
+            f"| {threads} | {precision} | {position} | "
+            + " | ".join(f"{value:.0f}" for value in figures.values())
+            + f" | {figures[16] / figures[1]:.1f}x | {figures[64] / figures[1]:.1f}x |"
+        )
     report = "\n".join(lines)
     print(report)
     write_section("## Decoding (in process)", report)

@@ -14,7 +14,6 @@ import argparse
 import json
 import statistics
 import tempfile
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -34,10 +33,16 @@ REFERENCE_TOKENS = 2_621_440_000
 
 def measure(profile, steps, log_every):
     params = parse_params(yaml.safe_load(profile_text(REPO / "configs" / profile)))
-    train_params = replace(params.pretrain, steps=steps, log_every=log_every, eval_every=steps,
-                           checkpoint_every=steps, warmup_steps=min(params.pretrain.warmup_steps, steps // 10),
-                           device="cuda")
-    config = GPTConfig(vocab_size=params.tokenizer.vocab_size, **asdict(params.model))
+    train_params = params.pretrain.model_copy(
+        update=dict(
+            steps=steps,
+            log_every=log_every,
+            eval_every=steps,
+            warmup_steps=min(params.pretrain.warmup_steps, steps // 10),
+            device="cuda",
+        )
+    )
+    config = GPTConfig(**params.model.model_dump(), vocab_size=params.tokenizer.vocab_size)
     torch.manual_seed(0)
     model = GPT(config)
     model.init_weights(train_params.init)
@@ -50,13 +55,23 @@ def measure(profile, steps, log_every):
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        train(model, train_params, sample_batch=sample_batch, evaluate=lambda m: {},
-              paths=RunPaths(scratch / "checkpoint.safetensors", scratch / "live", scratch / "model"),
-              identity={"benchmark": profile}, unique_tokens=REFERENCE_TOKENS, desc=profile)
+        train(
+            model,
+            train_params,
+            sample_batch=sample_batch,
+            evaluate=lambda m: {},
+            paths=RunPaths(scratch / "checkpoint.safetensors", scratch / "live", scratch / "model"),
+            identity={"benchmark": profile},
+            unique_tokens=REFERENCE_TOKENS,
+            checkpoint_every=steps,
+            desc=profile,
+        )
         with safe_open(scratch / "checkpoint.safetensors", framework="pt") as f:
             rows = json.loads(f.metadata()["history"])[1:]  # the first window holds compilation
-    return (statistics.median(row["train/tokens_per_second"] for row in rows),
-            statistics.median(row.get("train/mfu", float("nan")) for row in rows))
+    return (
+        statistics.median(row["train/tokens_per_second"] for row in rows),
+        statistics.median(row.get("train/mfu", float("nan")) for row in rows),
+    )
 
 
 def main():
@@ -66,8 +81,12 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_train.py needs a CUDA GPU")
-    lines = [f"Command: `{COMMAND} --steps {args.steps}`. {machine_line()} GPU: {torch.cuda.get_device_name()}.",
-             "", "| recipe | tokens/s | MFU | the reference's 2.62B tokens in |", "|---|---|---|---|"]
+    lines = [
+        f"Command: `{COMMAND} --steps {args.steps}`. {machine_line()} GPU: {torch.cuda.get_device_name()}.",
+        "",
+        "| recipe | tokens/s | MFU | the reference's 2.62B tokens in |",
+        "|---|---|---|---|",
+    ]
     for profile, label in (("ryangpt.yaml", "reference (AdamW, fused)"), ("ryangpt-fast.yaml", "new (Muon + AdamW)")):
         tokens_per_second, mfu = measure(profile, args.steps, args.log_every)
         minutes = REFERENCE_TOKENS / tokens_per_second / 60

@@ -68,8 +68,14 @@ EVAL_POINTS = 8  # evaluations per run, for the learning curves
 EVAL_BATCHES = 8  # of BATCH windows of CONTEXT tokens per held-out source
 SEEDS = (0, 1)
 SWEEP_LRS = (6e-4, 2e-3, 6e-3, 2e-2)  # 2e-2 so that the best is not the sweep's largest
-MAIN_MODEL = {"n_layers": 6, "d_model": 128, "n_heads": 2, "d_ff": 512, "context_length": CONTEXT,
-              "tie_embeddings": False}
+MAIN_MODEL = {
+    "n_layers": 6,
+    "d_model": 128,
+    "n_heads": 2,
+    "d_ff": 512,
+    "context_length": CONTEXT,
+    "tie_embeddings": False,
+}
 SMALL_MODEL = {**MAIN_MODEL, "d_model": 64, "n_heads": 1, "d_ff": 256}
 
 DATA_PARAMS = {
@@ -82,8 +88,13 @@ DATA_STAGES = [
     ["stages.extract_wikipedia", "data/extracted/wikipedia.jsonl", "metrics/extract_wikipedia.json"],
     ["stages.extract_c4", "data/extracted/c4.jsonl", "metrics/extract_c4.json"],
     ["stages.extract_dialog", "data/extracted/dialog", "metrics/extract_dialog.json"],
-    ["stages.combine", "data/extracted/wikipedia.jsonl", "data/extracted/c4.jsonl", "data/combined",
-     "metrics/combine.json"],
+    [
+        "stages.combine",
+        "data/extracted/wikipedia.jsonl",
+        "data/extracted/c4.jsonl",
+        "data/combined",
+        "metrics/combine.json",
+    ],
     ["stages.build_bpe", "data/combined", "data/extracted/dialog", "data/tokenizer.model"],
     ["stages.encode", "data/tokenizer.model", "data/combined", "data/extracted/dialog", "data/tokens"],
 ]
@@ -104,8 +115,15 @@ def merged(params, overrides):
 
 
 def run_stage(folder, args, threads):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1", "TQDM_DISABLE": "1",
-           "OMP_NUM_THREADS": str(threads), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "DVC_NO_ANALYTICS": "1",
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     result = subprocess.run([sys.executable, "-m", *args], cwd=folder, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{args[0]} failed in {folder}:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
@@ -137,10 +155,22 @@ def reference_train(lr):
 
 def run_spec(name, seed, model, train, steps=STEPS):
     eval_every = max(1, steps // EVAL_POINTS)
-    schedule = {"steps": steps, "batch_size": BATCH, "grad_accum": 1, "log_every": eval_every,
-                "eval_every": eval_every, "checkpoint_every": eval_every * EVAL_POINTS, "eval_batches": EVAL_BATCHES,
-                "device": "cpu"}
-    return {"name": name, "seed": seed, "model": model, "train": {**train, **schedule}}
+    schedule = {
+        "steps": steps,
+        "batch_size": BATCH,
+        "grad_accum": 1,
+        "log_every": eval_every,
+        "eval_every": eval_every,
+        "eval_batches": EVAL_BATCHES,
+        "device": "cpu",
+    }
+    return {
+        "name": name,
+        "seed": seed,
+        "model": model,
+        "train": {**train, **schedule},
+        "checkpoint_every": eval_every * EVAL_POINTS,
+    }
 
 
 def run_arm(work, tokens, spec, threads):
@@ -152,19 +182,31 @@ def run_arm(work, tokens, spec, threads):
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     train = {**base_params()["pretrain"], **spec["train"]}
-    params = merged(base_params(), {"seed": spec["seed"], "model": spec["model"], "pretrain": train, **DATA_PARAMS})
+    params = merged(
+        base_params(),
+        {
+            "seed": spec["seed"],
+            "model": spec["model"],
+            "pretrain": train,
+            "checkpoint_every": {"pretrain": spec["checkpoint_every"]},
+            **DATA_PARAMS,
+        },
+    )
     (folder / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     started = time.perf_counter()
-    run_stage(folder, ["stages.pretrain", str(tokens), str(tokens.parent / "tokenizer.model"),
-                       "checkpoint.safetensors", "model", "live"], threads)
+    run_stage(folder, ["stages.pretrain", str(tokens), "checkpoint.safetensors", "model", "live"], threads)
     with safe_open(folder / "checkpoint.safetensors", framework="pt") as f:
         history = json.loads(f.metadata()["history"])
     history = [row for row in history if f"val/{SOURCES[0]}/bpb" in row]
     for row in history:
         row["seconds"] = time.perf_counter() - started
     result_file.write_text(json.dumps(history, sort_keys=True), encoding="utf-8")
-    print(f"{folder.name}: " + ", ".join(f"{s} {history[-1][f'val/{s}/bpb']:.4f}" for s in SOURCES)
-          + f" bpb in {time.perf_counter() - started:.0f} s", flush=True)
+    print(
+        f"{folder.name}: "
+        + ", ".join(f"{s} {history[-1][f'val/{s}/bpb']:.4f}" for s in SOURCES)
+        + f" bpb in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
     return history
 
 
@@ -190,8 +232,9 @@ def summary(results, name, source):
 
 def best_lr(results, prefix, seed=0):
     """The sweep's learning rate with the lowest mean final bits per byte over both sources, at `seed`."""
-    return min(SWEEP_LRS, key=lambda lr: statistics.fmean(final(results[(f"{prefix}adamw-{lr:g}", seed)], s)
-                                                             for s in SOURCES))
+    return min(
+        SWEEP_LRS, key=lambda lr: statistics.fmean(final(results[(f"{prefix}adamw-{lr:g}", seed)], s) for s in SOURCES)
+    )
 
 
 def n_parameters(model, meta):
@@ -212,7 +255,8 @@ def report(results, tuned_lr, small_tuned_lr, meta, seconds):
         f"(8,192-token BPE; {meta['splits']['train']['tokens']:,} training tokens, held out "
         + ", ".join(f"{s} {meta['splits'][f'val_{s}']['tokens']:,}" for s in SOURCES)
         + f" tokens). Model: 6 layers x 128, 2 heads, d_ff 512, context {CONTEXT}, untied head "
-        f"({n_parameters(MAIN_MODEL, meta) / 1e6:.1f}M parameters). Every run: {STEPS} steps x {BATCH} x {CONTEXT} = {STEPS * BATCH * CONTEXT / 1e6:.2f}M "
+        f"({n_parameters(MAIN_MODEL, meta) / 1e6:.1f}M parameters). Every run: {STEPS} steps x {BATCH} x {CONTEXT} "
+        f"= {STEPS * BATCH * CONTEXT / 1e6:.2f}M "
         f"tokens, batches in the same order for every arm of a seed. Figures: held-out bits per byte from "
         f"`heldout_evaluator` ({EVAL_BATCHES} batches of {BATCH} windows per source) at the last step; mean "
         f"of seeds {', '.join(map(str, SEEDS))} ± half their spread (max - min).",
@@ -221,11 +265,13 @@ def report(results, tuned_lr, small_tuned_lr, meta, seconds):
         "|---|---|---|---|",
     ]
     tuned = {s: summary(results, f"adamw-{tuned_lr:g}", s)[0] for s in SOURCES}
-    rows = [("reference", "reference recipe (AdamW, cosine 6e-4 -> 6e-5)"),
-            (f"adamw-{tuned_lr:g}", f"tuned AdamW (lr {tuned_lr:g}, best of {', '.join(f'{lr:g}' for lr in SWEEP_LRS)})"),
-            ("default", "**new default** (Muon + AdamW, WSD)"),
-            ("default-2of3", "new default, 2/3 of the tokens"),
-            ("default-1of2", "new default, 1/2 of the tokens")]
+    rows = [
+        ("reference", "reference recipe (AdamW, cosine 6e-4 -> 6e-5)"),
+        (f"adamw-{tuned_lr:g}", f"tuned AdamW (lr {tuned_lr:g}, best of {', '.join(f'{lr:g}' for lr in SWEEP_LRS)})"),
+        ("default", "**new default** (Muon + AdamW, WSD)"),
+        ("default-2of3", "new default, 2/3 of the tokens"),
+        ("default-1of2", "new default, 1/2 of the tokens"),
+    ]
     for name, label in rows:
         cells = []
         for source in SOURCES:
@@ -233,13 +279,23 @@ def report(results, tuned_lr, small_tuned_lr, meta, seconds):
             cells.append(f"{mean:.4f} ± {spread / 2:.4f}")
         change = " / ".join(f"{100 * (summary(results, name, s)[0] / tuned[s] - 1):+.1f}%" for s in SOURCES)
         lines.append(f"| {label} | {cells[0]} | {cells[1]} | {change} |")
-    lines += ["", "The learning-rate sweep (seed 0, final bits per byte):", "",
-              "| AdamW lr | Wikipedia | C4 |", "|---|---|---|"]
+    lines += [
+        "",
+        "The learning-rate sweep (seed 0, final bits per byte):",
+        "",
+        "| AdamW lr | Wikipedia | C4 |",
+        "|---|---|---|",
+    ]
     for lr in SWEEP_LRS:
         history = results[(f"adamw-{lr:g}", 0)]
         lines.append(f"| {lr:g} | {final(history, 'wikipedia'):.4f} | {final(history, 'c4'):.4f} |")
-    lines += ["", "Learning curves (held-out Wikipedia bits per byte, seed 0):", "",
-              "| tokens (M) | reference | tuned AdamW | new default |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "Learning curves (held-out Wikipedia bits per byte, seed 0):",
+        "",
+        "| tokens (M) | reference | tuned AdamW | new default |",
+        "|---|---|---|---|",
+    ]
     curves = [results[("reference", 0)], results[(f"adamw-{tuned_lr:g}", 0)], results[("default", 0)]]
     for rows_at in zip(*curves):
         tokens_m = rows_at[0]["train/tokens"] / 1e6
@@ -255,10 +311,16 @@ def report(results, tuned_lr, small_tuned_lr, meta, seconds):
             f"- {source}: {gap:.1f}% lower than tuned AdamW at equal tokens (goal 3%); the gap is "
             f"{tuned_mean - default_mean:.4f} bpb against a seed spread of {noise:.4f}. Tuned AdamW's final "
             f"{tuned_mean:.4f} is {'reached' if reached['2of3'] else 'not reached'} with 2/3 of its tokens "
-            f"and {'reached' if reached['1of2'] else 'not reached'} with 1/2.")
-    lines += ["", f"Second size, no retuning (6 layers x 64, d_ff 256, 1 head, "
-              f"{n_parameters(SMALL_MODEL, meta) / 1e6:.1f}M parameters; seed 0):", "",
-              "| arm | Wikipedia bpb | C4 bpb |", "|---|---|---|"]
+            f"and {'reached' if reached['1of2'] else 'not reached'} with 1/2."
+        )
+    lines += [
+        "",
+        f"Second size, no retuning (6 layers x 64, d_ff 256, 1 head, "
+        f"{n_parameters(SMALL_MODEL, meta) / 1e6:.1f}M parameters; seed 0):",
+        "",
+        "| arm | Wikipedia bpb | C4 bpb |",
+        "|---|---|---|",
+    ]
     for name in ["small-reference", *(f"small-adamw-{lr:g}" for lr in SWEEP_LRS[1:]), "small-default"]:
         history = results[(name, 0)]
         marker = " (best AdamW)" if name == f"small-adamw-{small_tuned_lr:g}" else ""
@@ -278,8 +340,15 @@ def score_arms(work, tokens, arms, blimp_limit, limit):
         folder = work / "runs" / f"{name}-seed0"
         exports[label] = folder / "export"
         if not (exports[label] / "config.json").exists():
-            export_model(load_model(folder / "model"), tokens.parent / "tokenizer.model", exports[label], name, False,
-                         {"metrics": {}}, {"temperature": 0.8, "top_k": 50})
+            export_model(
+                load_model(folder / "model"),
+                tokens.parent / "tokenizer.model",
+                exports[label],
+                name,
+                False,
+                {"metrics": {}},
+                {"temperature": 0.8, "top_k": 50},
+            )
     return score(exports, suite, limits)
 
 
@@ -304,19 +373,37 @@ def task_report(results, scores, arms, blimp_limit, limit, meta):
     for label, name in arms.items():
         tasks, history = scores[label], results[(name, 0)]
         lambada = tasks["lambada_openai"]
-        cells = [f"{final(history, 'wikipedia'):.4f} / {final(history, 'c4'):.4f}", percent(tasks["blimp"], "acc"),
-                 f"{percent(lambada, 'acc')} ({lambada['perplexity']:,.0f})"]
-        cells += [f"{percent(tasks[t], 'acc')} / {percent(tasks[t], 'acc_norm')}" for t in ("piqa", "arc_easy", "hellaswag")]
+        cells = [
+            f"{final(history, 'wikipedia'):.4f} / {final(history, 'c4'):.4f}",
+            percent(tasks["blimp"], "acc"),
+            f"{percent(lambada, 'acc')} ({lambada['perplexity']:,.0f})",
+        ]
+        cells += [
+            f"{percent(tasks[t], 'acc')} / {percent(tasks[t], 'acc_norm')}" for t in ("piqa", "arc_easy", "hellaswag")
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Items scored (left out as too long for the context):", "",
-              "| arm | " + " | ".join(TITLES.values()) + " |", "|---|" + "---:|" * len(TITLES)]
+    lines += [
+        "",
+        "Items scored (left out as too long for the context):",
+        "",
+        "| arm | " + " | ".join(TITLES.values()) + " |",
+        "|---|" + "---:|" * len(TITLES),
+    ]
     for label in arms:
-        lines.append(f"| {label} | " + " | ".join(f"{scores[label][t]['items']:,} ({scores[label][t]['too_long']:,})"
-                                                  for t in TITLES) + " |")
-    lines += ["", "Published figures (percent), with the scale behind them: every one of these models is larger, "
-                  "or has seen far more text, than these 3.7M-parameter models trained on "
-                  f"{STEPS * BATCH * CONTEXT / 1e6:.2f}M tokens.", "",
-              "| model | " + " | ".join(TITLES.values()) + " |", "|---|" + "---|" * len(TITLES)]
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{scores[label][t]['items']:,} ({scores[label][t]['too_long']:,})" for t in TITLES)
+            + " |"
+        )
+    lines += [
+        "",
+        "Published figures (percent), with the scale behind them: every one of these models is larger, "
+        "or has seen far more text, than these 3.7M-parameter models trained on "
+        f"{STEPS * BATCH * CONTEXT / 1e6:.2f}M tokens.",
+        "",
+        "| model | " + " | ".join(TITLES.values()) + " |",
+        "|---|" + "---|" * len(TITLES),
+    ]
     for model, figures in PUBLISHED:
         lines.append(f"| {model} | " + " | ".join(figures.get(t, "") for t in TITLES) + " |")
     for label in arms:
@@ -328,8 +415,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/recipe-benchmark"))
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (the cores are split between them)")
-    parser.add_argument("--task-arms-only", action="store_true",
-                        help="train only the three scored arms (seed 0) and write only the task-score section")
+    parser.add_argument(
+        "--task-arms-only",
+        action="store_true",
+        help="train only the three scored arms (seed 0) and write only the task-score section",
+    )
     parser.add_argument("--blimp-limit", type=int, default=100, help="task scores: pairs per BLiMP paradigm")
     parser.add_argument("--limit", type=int, default=500, help="task scores: items of every other task")
     args = parser.parse_args()
@@ -338,30 +428,41 @@ def main():
     meta = json.loads((tokens / "meta.json").read_text(encoding="utf-8"))
 
     def write_task_scores(results, tuned_lr):
-        arms = {"reference recipe": "reference", f"tuned AdamW (lr {tuned_lr:g})": f"adamw-{tuned_lr:g}",
-                "new default (Muon, WSD)": "default"}
+        arms = {
+            "reference recipe": "reference",
+            f"tuned AdamW (lr {tuned_lr:g})": f"adamw-{tuned_lr:g}",
+            "new default (Muon, WSD)": "default",
+        }
         scores = score_arms(args.work, tokens, arms, args.blimp_limit, args.limit)
         body = task_report(results, scores, arms, args.blimp_limit, args.limit, meta)
         print(body)
         write_section(TASK_HEADING, body)
 
     if args.task_arms_only:
-        specs = [run_spec("reference", 0, MAIN_MODEL, reference_train(6e-4)),
-                 run_spec(f"adamw-{MEASURED_TUNED_LR:g}", 0, MAIN_MODEL, reference_train(MEASURED_TUNED_LR)),
-                 run_spec("default", 0, MAIN_MODEL, default)]
+        specs = [
+            run_spec("reference", 0, MAIN_MODEL, reference_train(6e-4)),
+            run_spec(f"adamw-{MEASURED_TUNED_LR:g}", 0, MAIN_MODEL, reference_train(MEASURED_TUNED_LR)),
+            run_spec("default", 0, MAIN_MODEL, default),
+        ]
         write_task_scores(run_all(args.work, tokens, specs, args.jobs), MEASURED_TUNED_LR)
         return
 
     def sweep(prefix, model, seeds):
-        return [run_spec(f"{prefix}adamw-{lr:g}", seed, model, reference_train(lr))
-                for lr in SWEEP_LRS[1:] for seed in seeds]
+        return [
+            run_spec(f"{prefix}adamw-{lr:g}", seed, model, reference_train(lr))
+            for lr in SWEEP_LRS[1:]
+            for seed in seeds
+        ]
 
     first = [run_spec("reference", seed, MAIN_MODEL, reference_train(6e-4)) for seed in SEEDS]
     first += sweep("", MAIN_MODEL, [0]) + [run_spec("default", seed, MAIN_MODEL, default) for seed in SEEDS]
     first += [run_spec("small-reference", 0, SMALL_MODEL, reference_train(6e-4))] + sweep("small-", SMALL_MODEL, [0])
     first += [run_spec("small-default", 0, SMALL_MODEL, default)]
-    first += [run_spec(f"default-{label}", seed, MAIN_MODEL, default, steps=round(STEPS * fraction))
-              for label, fraction in (("2of3", 2 / 3), ("1of2", 1 / 2)) for seed in SEEDS]
+    first += [
+        run_spec(f"default-{label}", seed, MAIN_MODEL, default, steps=round(STEPS * fraction))
+        for label, fraction in (("2of3", 2 / 3), ("1of2", 1 / 2))
+        for seed in SEEDS
+    ]
     results = run_all(args.work, tokens, first, args.jobs)
     # The reference is the sweep's 6e-4 arm.
     for prefix in ("", "small-"):
@@ -372,8 +473,9 @@ def main():
     if (f"adamw-{tuned_lr:g}", SEEDS[1]) not in results:
         second = run_spec(f"adamw-{tuned_lr:g}", SEEDS[1], MAIN_MODEL, reference_train(tuned_lr))
         results.update(run_all(args.work, tokens, [second], 1))
-    run_seconds = sum(history[-1]["seconds"] for (name, _), history in results.items()
-                      if not name.endswith(f"adamw-{6e-4:g}"))  # the reference, listed twice
+    run_seconds = sum(
+        history[-1]["seconds"] for (name, _), history in results.items() if not name.endswith(f"adamw-{6e-4:g}")
+    )  # the reference, listed twice
     body = report(results, tuned_lr, small_tuned_lr, meta, run_seconds)
     print(body)
     write_section(HEADING, body)

@@ -27,8 +27,10 @@ def cpu_model():
 
 def machine_line():
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"Machine: {os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}, "
-            f"torch {torch.__version__}. Date: {now}.")
+    return (
+        f"Machine: {os.cpu_count()} cores ({cpu_model()}), Python {platform.python_version()}, "
+        f"torch {torch.__version__}. Date: {now}."
+    )
 
 
 def percentile(values, share):
@@ -56,8 +58,12 @@ def running_server(models_dir, *options, stderr=subprocess.DEVNULL):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "serve", "--port", str(port), "--models-dir", str(models_dir),
-                               *options], cwd=REPORT.parent, stdout=subprocess.DEVNULL, stderr=stderr)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serve", "--port", str(port), "--models-dir", str(models_dir), *options],
+        cwd=REPORT.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -66,7 +72,7 @@ def running_server(models_dir, *options, stderr=subprocess.DEVNULL):
                 break
             except httpx.HTTPError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("the server did not start")
+                    raise RuntimeError("the server did not start") from None
                 time.sleep(0.5)
         yield url, server
     finally:

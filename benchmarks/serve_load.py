@@ -19,7 +19,6 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -47,21 +46,30 @@ def build_export(folder):
     """A ryangpt-shaped model (configs/ryangpt.yaml) exported to folder/base; returns the folder."""
     params = parse_params(yaml.safe_load((REPO / "configs" / "ryangpt.yaml").read_text()))
     texts = []
-    for source, options, clean in (("wikipedia", {"data_dir": "20231101.en"}, clean_wikipedia),
-                                   ("c4", {"data_files": "en/c4-train.*.json.gz"}, clean_c4)):
+    for source, options, clean in (
+        ("wikipedia", {"data_dir": "20231101.en"}, clean_wikipedia),
+        ("c4", {"data_files": "en/c4-train.*.json.gz"}, clean_c4),
+    ):
         records, _ = stream_records(str(CORPUS / source), source, **options)
         texts += [doc["text"] for doc in extract_documents(records, clean, 10**9, 200, Counter())]
     tokenizer_path = folder / "tokenizer.model"
     tokenizer_path.write_bytes(train_bpe(bpe_lines(texts), params.tokenizer.vocab_size, seed=0))
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=params.tokenizer.vocab_size, **asdict(params.model)))
+    model = GPT(GPTConfig(**params.model.model_dump(), vocab_size=params.tokenizer.vocab_size))
     export_model(model, tokenizer_path, folder / "models" / "base", "base", False, {}, {"temperature": 0.8})
     return folder / "models" / "base", Tokenizer(tokenizer_path)
 
 
 async def one_request(client, url, tokens, seed):
-    body = {"model": "base", "prompt": PROMPT, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0.8,
-            "seed": seed, "stream": True}
+    body = {
+        "model": "base",
+        "prompt": PROMPT,
+        "max_tokens": tokens,
+        "min_tokens": tokens,
+        "temperature": 0.8,
+        "seed": seed,
+        "stream": True,
+    }
     start = time.perf_counter()
     first = None
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
@@ -74,6 +82,7 @@ async def one_request(client, url, tokens, seed):
 
 async def load_round(url, clients, tokens):
     async with httpx.AsyncClient(timeout=600) as client:
+
         async def client_loop(index):
             return [await one_request(client, url, tokens, index * 100 + i) for i in range(REQUESTS_PER_CLIENT)]
 
@@ -99,8 +108,15 @@ async def prefill_gaps(url, long_prompt, streams=15, tokens=300):
     started = asyncio.Event()
 
     async def stream(client, index):
-        body = {"model": "base", "prompt": PROMPT, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0.8,
-                "seed": index, "stream": True}
+        body = {
+            "model": "base",
+            "prompt": PROMPT,
+            "max_tokens": tokens,
+            "min_tokens": tokens,
+            "temperature": 0.8,
+            "seed": index,
+            "stream": True,
+        }
         async with client.stream("POST", url + "/v1/completions", json=body) as response:
             async for line in response.aiter_lines():
                 if line.startswith("data:"):
@@ -113,8 +129,9 @@ async def prefill_gaps(url, long_prompt, streams=15, tokens=300):
         await started.wait()
         await asyncio.sleep(0.5)
         sent = time.perf_counter()
-        reply = await client.post(url + "/v1/completions", json={"model": "base", "prompt": long_prompt,
-                                                                  "max_tokens": 1, "temperature": 0})
+        reply = await client.post(
+            url + "/v1/completions", json={"model": "base", "prompt": long_prompt, "max_tokens": 1, "temperature": 0}
+        )
         reply.raise_for_status()
         answered = time.perf_counter()
         await decoding
@@ -143,8 +160,9 @@ def hf_generate(folder, tokenizer, tokens):
         model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         for _ in range(3):
             start = time.perf_counter()
-            model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=None,
-                           pad_token_id=0)
+            model.generate(
+                prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
             speeds.append(tokens / (time.perf_counter() - start))
     return statistics.median(speeds)
 
@@ -164,17 +182,20 @@ def context_filling_prompt(tokenizer, context_length):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=128, help="tokens generated per request")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                        help="the server's --threads (its default is 1)")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="the server's --threads (its default is 1)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         folder, tokenizer = build_export(Path(tmp))
         long_prompt = context_filling_prompt(tokenizer, 512)
         load_before = os.getloadavg()[0]
         reference_before = hf_generate(folder, tokenizer, args.tokens)
-        measured = {(precision, threads): serve_and_measure(folder.parent, precision, threads, args.tokens,
-                                                            long_prompt)
-                    for threads in args.threads for precision in ("int8", "fp32")}
+        measured = {
+            (precision, threads): serve_and_measure(folder.parent, precision, threads, args.tokens, long_prompt)
+            for threads in args.threads
+            for precision in ("int8", "fp32")
+        }
         reference = hf_generate(folder, tokenizer, args.tokens)
         load_after = os.getloadavg()[0]
     rounds = {key: results for key, (results, _) in measured.items()}
@@ -194,9 +215,11 @@ def main():
     ]
     for (precision, threads), results in rounds.items():
         for row in results:
-            lines.append(f"| {threads} | {precision} | {row['clients']} | {row['tokens_per_s']:.0f} | "
-                         f"{row['tokens_per_s'] / row['clients']:.0f} | {row['p50']:.2f} | {row['p99']:.2f} | "
-                         f"{row['ttft']:.3f} |")
+            lines.append(
+                f"| {threads} | {precision} | {row['clients']} | {row['tokens_per_s']:.0f} | "
+                f"{row['tokens_per_s'] / row['clients']:.0f} | {row['p50']:.2f} | {row['p99']:.2f} | "
+                f"{row['ttft']:.3f} |"
+            )
     single = {key: results[0]["tokens_per_s"] for key, results in rounds.items()}
     at16 = {key: next(r for r in results if r["clients"] == 16)["tokens_per_s"] for key, results in rounds.items()}
     lines += [
@@ -216,10 +239,12 @@ def main():
     lines.append("")
     for threads in args.threads:
         int8, fp32 = ("int8", threads), ("fp32", threads)
-        lines.append(f"Goals, server `--threads {threads}`: the default precision (int8) over HTTP with streaming at "
-                     f"least 2x `generate`: {single[int8] / reference_before:.2f}x (fp32 "
-                     f"{single[fp32] / reference_before:.2f}x); 16 streams at least 5x one stream: int8 "
-                     f"{at16[int8] / single[int8]:.1f}x, fp32 {at16[fp32] / single[fp32]:.1f}x.")
+        lines.append(
+            f"Goals, server `--threads {threads}`: the default precision (int8) over HTTP with streaming at "
+            f"least 2x `generate`: {single[int8] / reference_before:.2f}x (fp32 "
+            f"{single[fp32] / reference_before:.2f}x); 16 streams at least 5x one stream: int8 "
+            f"{at16[int8] / single[int8]:.1f}x, fp32 {at16[fp32] / single[fp32]:.1f}x."
+        )
     report = "\n".join(lines)
     print(report)
     write_section("## Serving (load)", report)

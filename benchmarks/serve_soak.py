@@ -42,8 +42,13 @@ KEEPALIVE_EXPIRY = 2.0
 MAX_BATCH = 16
 BODY_SECONDS = 30.0  # the server's default --body-seconds, which a trickled body must not outlast
 INVALID_IDS = [-1] * 240_000  # 720 KB of JSON: once 5 s of event loop per request
-PROMPTS = ["The history of the city began when", "Rivers flow", "Once upon a time", "In 1990, the",
-           "The best way to learn a language is"]
+PROMPTS = [
+    "The history of the city began when",
+    "Rivers flow",
+    "Once upon a time",
+    "In 1990, the",
+    "The best way to learn a language is",
+]
 QUESTIONS = ["Hello, how are you?", "What is your name?", "Where do you live?", "Do you like music?"]
 
 
@@ -77,8 +82,12 @@ def rss_mb(pid):
 def pick_request(rng, models, chat_models):
     """(body, expected outcome) of a random request; the outcome is "reply", "refused" or "drop"."""
     chat = bool(chat_models) and rng.random() < 0.5
-    body = {"model": rng.choice(chat_models if chat else models), "max_tokens": rng.choice([4, 8, 16, 32]),
-            "temperature": rng.choice([0, 0.7, 1.0]), "seed": rng.randrange(1000)}
+    body = {
+        "model": rng.choice(chat_models if chat else models),
+        "max_tokens": rng.choice([4, 8, 16, 32]),
+        "temperature": rng.choice([0, 0.7, 1.0]),
+        "seed": rng.randrange(1000),
+    }
     if chat:
         body["messages"] = [{"role": "user", "content": rng.choice(QUESTIONS)}]
     else:
@@ -115,7 +124,7 @@ async def one_request(client, url, path, body, expected, tally):
                 continue
             if not events:
                 tally.first_chunks.append(time.perf_counter() - start)
-            events.append(line[len("data: "):])
+            events.append(line[len("data: ") :])
             if expected == "drop":  # leave mid-stream: closing the response closes the connection
                 tally.dropped += 1
                 return
@@ -153,8 +162,10 @@ def trickle_body(url):
     """Seconds until the server closes a connection whose body comes a byte every 2 s (blocking)."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as connection:
-        connection.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                           f"Content-Length: 1000\r\n\r\n".encode())
+        connection.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 1000\r\n\r\n".encode()
+        )
         connection.settimeout(2)
         start = time.monotonic()
         while time.monotonic() - start < 2 * BODY_SECONDS:
@@ -211,8 +222,9 @@ async def soak(url, clients, duration, hostile=0):
                     tally.errors.append(f"hostile {kind}: {type(error).__name__}: {error!r}"[:300])
 
         start = time.perf_counter()
-        await asyncio.gather(*(client_loop(index) for index in range(clients)),
-                             *(hostile_loop(index) for index in range(hostile)))
+        await asyncio.gather(
+            *(client_loop(index) for index in range(clients)), *(hostile_loop(index) for index in range(hostile))
+        )
         tally.wall = time.perf_counter() - start
         health = await client.get(url + "/health")
         if health.status_code != 200:
@@ -227,8 +239,9 @@ def run_server_and_soak(models_dir, clients, duration, hostile):
         tally = asyncio.run(soak(url, clients, duration, hostile))
         tally.rss_start, (tally.rss_end, tally.rss_peak) = rss_start, rss_mb(server.pid)
     log.seek(0)
-    tally.errors += [f"server log: {line}" for line in log.read().splitlines()
-                     if line.startswith(("ERROR", "WARNING", "Traceback"))]
+    tally.errors += [
+        f"server log: {line}" for line in log.read().splitlines() if line.startswith(("ERROR", "WARNING", "Traceback"))
+    ]
     return tally
 
 
@@ -237,8 +250,9 @@ def main():
     parser.add_argument("--duration", type=float, default=180, help="seconds of load per models folder")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--hostile", type=int, default=4, help="hostile clients beside the ordinary ones")
-    parser.add_argument("--models-dir", action="append", help="a folder of exported models (repeatable; "
-                                                              "default: serve/models)")
+    parser.add_argument(
+        "--models-dir", action="append", help="a folder of exported models (repeatable; default: serve/models)"
+    )
     args = parser.parse_args()
     rows, hostile_rows, problems = [], [], []
     for name in args.models_dir or ["serve/models"]:
@@ -253,12 +267,14 @@ def main():
             f"{statistics.median(tally.latencies):.2f} / {percentile(tally.latencies, 0.9):.2f} / "
             f"{percentile(tally.latencies, 0.99):.2f} | {statistics.median(tally.first_chunks):.3f} / "
             f"{percentile(tally.first_chunks, 0.99):.3f} | {tally.completion_tokens / tally.wall:.0f} | "
-            f"{tally.rss_start:.0f} / {tally.rss_end:.0f} (peak {tally.rss_peak:.0f}) | {load_before:.1f} |")
+            f"{tally.rss_start:.0f} / {tally.rss_end:.0f} (peak {tally.rss_peak:.0f}) | {load_before:.1f} |"
+        )
         invalid = tally.invalid_lists or [float("nan")]
         hostile_rows.append(
             f"| {name} | {args.hostile} | {tally.scored} | {tally.left_in_prefill} | {len(tally.invalid_lists)} "
             f"({statistics.median(invalid):.2f} / {max(invalid):.2f}) | {len(tally.trickles_closed)} "
-            f"({max(tally.trickles_closed, default=float('nan')):.1f}) |")
+            f"({max(tally.trickles_closed, default=float('nan')):.1f}) |"
+        )
         problems += [f"{name}: {error}" for error in tally.errors[:10]]
     lines = [
         f"Command: `.venv/bin/python -m benchmarks.serve_soak --duration {args.duration:g} --clients {args.clients} "

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,11 +36,20 @@ from model.task_scores import Suite, load_scorer, load_suite, score_model
 REPO = Path(__file__).resolve().parents[1]
 EVAL = REPO.parent / "shared" / "eval"
 COMMAND = ".venv/bin/python -m benchmarks.task_scores"
-SOURCES = TaskSourcesParams(blimp=str(EVAL / "nyu-mll__blimp"), lambada_openai=str(EVAL / "EleutherAI__lambada_openai"),
-                            piqa=str(EVAL / "baber__piqa"), arc_easy=str(EVAL / "allenai__ai2_arc"),
-                            hellaswag=str(EVAL / "Rowan__hellaswag"))
-TITLES = {"blimp": "BLiMP", "lambada_openai": "LAMBADA", "piqa": "PIQA", "arc_easy": "ARC-Easy",
-          "hellaswag": "HellaSwag"}
+SOURCES = TaskSourcesParams(
+    blimp=str(EVAL / "nyu-mll__blimp"),
+    lambada_openai=str(EVAL / "EleutherAI__lambada_openai"),
+    piqa=str(EVAL / "baber__piqa"),
+    arc_easy=str(EVAL / "allenai__ai2_arc"),
+    hellaswag=str(EVAL / "Rowan__hellaswag"),
+)
+TITLES = {
+    "blimp": "BLiMP",
+    "lambada_openai": "LAMBADA",
+    "piqa": "PIQA",
+    "arc_easy": "ARC-Easy",
+    "hellaswag": "HellaSwag",
+}
 # Published figures (percent) and the scale each was reached at.
 PUBLISHED = [
     ("a 5-gram model (the BLiMP paper's n-gram baseline)", {"blimp": "61.2"}),
@@ -58,8 +66,19 @@ def time_the_stage():
     """Seconds of the stage on the sample profile, as `dvc repro` runs it (its outputs go to a scratch folder)."""
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "stages.task_scores", "serve/models", f"{folder}/task_scores.json",
-                        f"{folder}/task_scores"], cwd=REPO, check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "stages.task_scores",
+                "serve/models",
+                f"{folder}/task_scores.json",
+                f"{folder}/task_scores",
+            ],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+        )
         return time.perf_counter() - started
 
 
@@ -81,9 +100,16 @@ def ryangpt_export(folder):
     """A random-weights model of the ryangpt shape, exported with the sample profile's tokenizer."""
     params = parse_params(yaml.safe_load((REPO / "configs" / "ryangpt.yaml").read_text(encoding="utf-8")))
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=params.tokenizer.vocab_size, **asdict(params.model))).eval()
-    export_model(model, REPO / "data" / "tokenizer.model", Path(folder) / "base", "base", False, {"metrics": {}},
-                 {"temperature": 0.8, "top_k": 50})
+    model = GPT(GPTConfig(**params.model.model_dump(), vocab_size=params.tokenizer.vocab_size)).eval()
+    export_model(
+        model,
+        REPO / "data" / "tokenizer.model",
+        Path(folder) / "base",
+        "base",
+        False,
+        {"metrics": {}},
+        {"temperature": 0.8, "top_k": 50},
+    )
     return Path(folder) / "base", model.num_parameters(), params.model.context_length
 
 
@@ -104,10 +130,12 @@ def report(args, stage_seconds, load_seconds, scores, timing, ryangpt_parameters
         "",
         "### The sample profile's models on the real tasks",
         "",
-        f"The exports of `dvc repro` (the sample profile: 1.1M parameters, context 128, 200 pretraining steps x 16 x 128 "
-        f"= 410k tokens of a 400 KB corpus; `chat` finetuned on dialogues) on `../shared/eval`: a seeded sample of "
-        f"{args.blimp_limit} pairs per BLiMP paradigm (all 67) and of {args.limit} items of every other task, among "
-        f"the items that fit the context (`too long`: left out, of the task's {', '.join(f'{sizes[t]:,}' for t in sizes if t != 'blimp')} "
+        f"The exports of `dvc repro` (the sample profile: 1.1M parameters, context 128, 200 pretraining steps x 16 "
+        f"x 128 = 410k tokens of a 400 KB corpus; `chat` finetuned on dialogues) on `../shared/eval`: a seeded "
+        f"sample of {args.blimp_limit} pairs per BLiMP paradigm (all 67) and of {args.limit} items of every other "
+        f"task, among "
+        f"the items that fit the context (`too long`: left out, of the task's "
+        f"{', '.join(f'{sizes[t]:,}' for t in sizes if t != 'blimp')} "
         f"items). Accuracy in percent ± its standard error; chance is 50 for BLiMP and PIQA, 25 for ARC-Easy "
         f"(mostly 4 choices) and HellaSwag, 0 for LAMBADA. Loading the suite (checking the copies and building "
         f"every request of every item) took {load_seconds:.0f} s. HellaSwag here is a reconstruction: its figures "
@@ -120,49 +148,79 @@ def report(args, stage_seconds, load_seconds, scores, timing, ryangpt_parameters
     for name, tasks in scores.items():
         lambada = tasks["lambada_openai"]
         cells = [percent(tasks["blimp"], "acc"), percent(lambada, "acc"), f"{lambada['perplexity']:,.0f}"]
-        cells += [f"{percent(tasks[t], 'acc')} / {percent(tasks[t], 'acc_norm')}" for t in ("piqa", "arc_easy", "hellaswag")]
+        cells += [
+            f"{percent(tasks[t], 'acc')} / {percent(tasks[t], 'acc_norm')}" for t in ("piqa", "arc_easy", "hellaswag")
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| model | " + " | ".join(f"{TITLES[t]} items (too long)" for t in TITLES) + " |",
-              "|---|" + "---:|" * len(TITLES)]
+    lines += [
+        "",
+        "| model | " + " | ".join(f"{TITLES[t]} items (too long)" for t in TITLES) + " |",
+        "|---|" + "---:|" * len(TITLES),
+    ]
     for name, tasks in scores.items():
-        lines.append(f"| {name} | " + " | ".join(f"{tasks[t]['items']:,} ({tasks[t]['too_long']:,})" for t in TITLES)
-                     + " |")
+        lines.append(
+            f"| {name} | " + " | ".join(f"{tasks[t]['items']:,} ({tasks[t]['too_long']:,})" for t in TITLES) + " |"
+        )
     fields = scores["base"]["blimp"]["fields"]
-    lines += ["", "BLiMP per linguistic field (the data's `field` column; it labels one paradigm, principle_A_case_2, "
-                  "`syntax/semantics`):", "",
-              "| model | " + " | ".join(f"{field} ({values['paradigms']})" for field, values in fields.items()) + " |",
-              "|---|" + "---|" * len(fields)]
+    lines += [
+        "",
+        "BLiMP per linguistic field (the data's `field` column; it labels one paradigm, principle_A_case_2, "
+        "`syntax/semantics`):",
+        "",
+        "| model | " + " | ".join(f"{field} ({values['paradigms']})" for field, values in fields.items()) + " |",
+        "|---|" + "---|" * len(fields),
+    ]
     for name, tasks in scores.items():
-        lines.append(f"| {name} | " + " | ".join(percent(tasks["blimp"]["fields"][field], "acc") for field in fields)
-                     + " |")
-    lines += ["", "### Published figures, and the scale behind them", "",
-              "Percent. Our sample models are smaller and have seen less text than any of these: the nearest, the "
-              "26M-parameter LLaMA on 2 MB, has 24 times the parameters and 5 times the text of the sample profile "
-              "(400 KB). The ryangpt profile (20.1M parameters, 2.62B tokens) is near Pythia-70M's first row in "
-              "tokens, with under a third of its parameters; it has not been trained and scored here.", "",
-              "| model | " + " | ".join(TITLES.values()) + " |", "|---|" + "---|" * len(TITLES)]
+        lines.append(
+            f"| {name} | " + " | ".join(percent(tasks["blimp"]["fields"][field], "acc") for field in fields) + " |"
+        )
+    lines += [
+        "",
+        "### Published figures, and the scale behind them",
+        "",
+        "Percent. Our sample models are smaller and have seen less text than any of these: the nearest, the "
+        "26M-parameter LLaMA on 2 MB, has 24 times the parameters and 5 times the text of the sample profile "
+        "(400 KB). The ryangpt profile (20.1M parameters, 2.62B tokens) is near Pythia-70M's first row in "
+        "tokens, with under a third of its parameters; it has not been trained and scored here.",
+        "",
+        "| model | " + " | ".join(TITLES.values()) + " |",
+        "|---|" + "---|" * len(TITLES),
+    ]
     for model, figures in PUBLISHED:
         lines.append(f"| {model} | " + " | ".join(figures.get(t, "") for t in TITLES) + " |")
-    lines.append(f"| ours, sample profile, base (1.1M parameters, 410k tokens) | "
-                 + " | ".join(f"{100 * scores['base'][t]['acc']:.1f}" for t in TITLES) + " |")
+    lines.append(
+        "| ours, sample profile, base (1.1M parameters, 410k tokens) | "
+        + " | ".join(f"{100 * scores['base'][t]['acc']:.1f}" for t in TITLES)
+        + " |"
+    )
     total = sum(timing[t]["seconds"] / timing[t]["items"] * sizes[t] for t in TITLES)
-    lines += ["", "### Time at the ryangpt shape", "",
-              f"A random-weights model of configs/ryangpt.yaml's shape ({ryangpt_parameters / 1e6:.1f}M parameters, "
-              f"context {ryangpt_context}) on {args.timing_blimp_limit} pairs per BLiMP paradigm and {args.timing_limit} "
-              f"items of every other task; seconds per item times the task's size estimate the whole suite. The sample "
-              f"tokenizer (2,048 pieces) makes more tokens of a text than the profile's 16,000 would, so the estimate is "
-              f"on the high side.", "",
-              "| task | items timed | too long | seconds per item | items in the task | estimated seconds |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "### Time at the ryangpt shape",
+        "",
+        f"A random-weights model of configs/ryangpt.yaml's shape ({ryangpt_parameters / 1e6:.1f}M parameters, "
+        f"context {ryangpt_context}) on {args.timing_blimp_limit} pairs per BLiMP paradigm and {args.timing_limit} "
+        f"items of every other task; seconds per item times the task's size estimate the whole suite. The sample "
+        f"tokenizer (2,048 pieces) makes more tokens of a text than the profile's 16,000 would, so the estimate is "
+        f"on the high side.",
+        "",
+        "| task | items timed | too long | seconds per item | items in the task | estimated seconds |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for task in TITLES:
         per_item = timing[task]["seconds"] / timing[task]["items"]
-        lines.append(f"| {TITLES[task]} | {timing[task]['items']:,} | {timing[task]['too_long']} | {per_item:.3f} | "
-                     f"{sizes[task]:,} | {per_item * sizes[task]:,.0f} |")
-    lines += ["", f"The whole suite for one model: about **{total / 60:.0f} min** on this CPU, so about "
-                  f"**{2 * total / 3600:.1f} h** for the stage's two models, plus loading the suite "
-                  f"({load_seconds:.0f} s here). The RyanGPT profiles score everything (`limit: 0`); on a CPU, "
-                  f"`-S task_scores.limit=500` scores a seeded sample of 500 items per task (per BLiMP paradigm) "
-                  f"instead, or run it where `device: auto` finds a GPU."]
+        lines.append(
+            f"| {TITLES[task]} | {timing[task]['items']:,} | {timing[task]['too_long']} | {per_item:.3f} | "
+            f"{sizes[task]:,} | {per_item * sizes[task]:,.0f} |"
+        )
+    lines += [
+        "",
+        f"The whole suite for one model: about **{total / 60:.0f} min** on this CPU, so about "
+        f"**{2 * total / 3600:.1f} h** for the stage's two models, plus loading the suite "
+        f"({load_seconds:.0f} s here). The RyanGPT profiles score everything (`limit: 0`); on a CPU, "
+        f"`-S task_scores.limit=500` scores a seeded sample of 500 items per task (per BLiMP paradigm) "
+        f"instead, or run it where `device: auto` finds a GPU.",
+    ]
     return "\n".join(lines)
 
 
@@ -185,8 +243,9 @@ def main():
         export_dir, parameters, context = ryangpt_export(folder)
         timing_limits = {task: args.timing_blimp_limit if task == "blimp" else args.timing_limit for task in TITLES}
         timing = score({"ryangpt shape": export_dir}, suite, timing_limits)["ryangpt shape"]
-    write_section("## Task scores", report(args, stage_seconds, load_seconds, scores, timing, parameters, context,
-                                           suite))
+    write_section(
+        "## Task scores", report(args, stage_seconds, load_seconds, scores, timing, parameters, context, suite)
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import argparse
 import math
 import statistics
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -110,7 +109,7 @@ def main():
     parser.add_argument("--steps", type=int, default=6, help="timed steps per measurement")
     args = parser.parse_args()
     params = parse_params(yaml.safe_load((REPO / "configs" / "ryangpt.yaml").read_text()))
-    config = GPTConfig(vocab_size=params.tokenizer.vocab_size, **asdict(params.model))
+    config = GPTConfig(**params.model.model_dump(), vocab_size=params.tokenizer.vocab_size)
     results = {"ours (model/gpt.py)": [], "reference": []}
     for _ in range(REPEATS):  # interleaved, so both see the same machine load
         torch.manual_seed(0)
@@ -119,7 +118,9 @@ def main():
         results["reference"].append(tokens_per_second(ReferenceGPT(config), config, args.batch, args.steps))
     medians = {name: statistics.median(values) for name, values in results.items()}
     ours, reference = medians.values()
-    schedule_tokens = params.pretrain.steps * params.pretrain.batch_size * params.pretrain.grad_accum * config.context_length
+    schedule_tokens = (
+        params.pretrain.steps * params.pretrain.batch_size * params.pretrain.grad_accum * config.context_length
+    )
     lines = [
         f"Command: `{COMMAND} --batch {args.batch} --steps {args.steps}`. {machine_line()} "
         f"{torch.get_num_threads()} torch threads, fp32.",
@@ -131,8 +132,10 @@ def main():
         "| implementation | tokens/s | runs |",
         "|---|---:|---|",
     ]
-    lines += [f"| {name} | {medians[name]:.0f} | {', '.join(f'{v:.0f}' for v in values)} |"
-              for name, values in results.items()]
+    lines += [
+        f"| {name} | {medians[name]:.0f} | {', '.join(f'{v:.0f}' for v in values)} |"
+        for name, values in results.items()
+    ]
     lines += [
         "",
         f"Speed-up over the reference: **{ours / reference:.2f}x**. At {ours:.0f} tokens/s the ryangpt schedule "

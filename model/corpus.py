@@ -14,9 +14,22 @@ SOURCES = ("wikipedia", "c4")
 # Wikipedia's back matter. Matched against whole heading lines only: the words also occur in
 # ordinary sentences ("see also the river's delta"), where they must not cut the article.
 TRAILING_HEADINGS = {
-    "references", "external links", "see also", "other websites", "related pages", "notes",
-    "further reading", "bibliography", "sources", "citations", "footnotes", "notes and references",
-    "references and notes", "gallery", "other pages", "further reading and external links",
+    "references",
+    "external links",
+    "see also",
+    "other websites",
+    "related pages",
+    "notes",
+    "further reading",
+    "bibliography",
+    "sources",
+    "citations",
+    "footnotes",
+    "notes and references",
+    "references and notes",
+    "gallery",
+    "other pages",
+    "further reading and external links",
 }
 
 # Every run of Unicode spaces except the newline becomes one " ". The pattern leaves lone " " alone:
@@ -76,12 +89,15 @@ def extract_documents(records, clean, max_bytes, min_chars, stats):
 
 def extract_to_jsonl(records, clean, max_bytes, min_chars, out_path):
     """Writes the kept documents as JSON lines; returns the manifest counters."""
-    stats = Counter(documents_read=0, documents_kept=0, dropped_empty=0, dropped_too_short=0, bytes_kept=0,
-                    stopped_at_cap=0)
+    stats = Counter(
+        documents_read=0, documents_kept=0, dropped_empty=0, dropped_too_short=0, bytes_kept=0, stopped_at_cap=0
+    )
     write_jsonl(out_path, extract_documents(records, clean, max_bytes, min_chars, stats))
     if stats["documents_kept"] == 0:
-        raise ValueError(f"no document survived cleaning ({stats['documents_read']} read, "
-                         f"{stats['dropped_too_short']} shorter than min_chars): nothing to write to {out_path}")
+        raise ValueError(
+            f"no document survived cleaning ({stats['documents_read']} read, "
+            f"{stats['dropped_too_short']} shorter than min_chars): nothing to write to {out_path}"
+        )
     return dict(stats)
 
 
@@ -107,8 +123,10 @@ def combine(texts_by_source, val_fraction, seed):
     for source in SOURCES:
         of_source = [doc for doc in shuffled if doc["source"] == source]
         if len(of_source) < 2:
-            raise ValueError(f"{source}: {len(of_source)} document(s) after deduplication; need at least 2 "
-                             f"to hold out a validation split")
+            raise ValueError(
+                f"{source}: {len(of_source)} document(s) after deduplication; need at least 2 "
+                f"to hold out a validation split"
+            )
         validation[source] = of_source[: max(1, round(len(of_source) * val_fraction))]
     held_out = {id(doc) for docs in validation.values() for doc in docs}
     train = [doc for doc in shuffled if id(doc) not in held_out]

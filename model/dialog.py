@@ -4,12 +4,10 @@ import re
 import zipfile
 import zlib
 
+from model.special_tokens import ASSISTANT, USER
+
 SPLITS = ("train", "validation", "test")
 TURN_END = "__eou__"
-
-USER = "<|user|>"
-ASSISTANT = "<|assistant|>"
-END_OF_TEXT = "<|endoftext|>"
 
 # DailyDialog was released tokenised: "I ' m fine , thanks !". Each rule glues one kind back.
 _DETOKENIZE = [

@@ -1,18 +1,16 @@
-"""Token arrays on disk: what pretraining, finetuning and evaluation read (memory-mapped .npy)."""
+"""Writing the token folder that pretraining, finetuning and evaluation read (model/token_arrays.py)."""
 
-import json
 import multiprocessing
 import os
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from model.corpus import SOURCES
 from model.files import atomic_output, json_text
+from model.token_arrays import TOKEN_DTYPE
 from model.tokenizer import Tokenizer
 
-TOKEN_DTYPE = np.uint16  # params.py caps the vocabulary at 2**16
 DOCUMENTS_PER_CHUNK = 1024
 
 
@@ -85,22 +83,3 @@ def write_token_folder(out_dir, model_file, pretraining_texts, dialogues):
 
 def pretraining_splits():
     return ["train"] + [f"val_{source}" for source in SOURCES]
-
-
-def load_tokens(token_dir, split):
-    """A split's token array, memory-mapped (nothing is read until used)."""
-    return np.load(Path(token_dir) / f"{split}.npy", mmap_mode="r")
-
-
-def load_dialogues(token_dir, split):
-    token_dir = Path(token_dir)
-    return (
-        np.load(token_dir / f"dialog_{split}.npy", mmap_mode="r"),
-        np.load(token_dir / f"dialog_{split}_mask.npy", mmap_mode="r"),
-        np.load(token_dir / f"dialog_{split}_offsets.npy"),
-    )
-
-
-def load_meta(token_dir):
-    return json.loads((Path(token_dir) / "meta.json").read_text(encoding="utf-8"))
-

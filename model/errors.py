@@ -5,6 +5,7 @@ disk, a run that cannot resume or diverged) derives from PipelineError. Anything
 keeps its traceback.
 """
 
+import inspect
 import sys
 
 
@@ -13,7 +14,18 @@ class PipelineError(Exception):
 
 
 def run_stage(main):
-    """Calls main(*command-line arguments); a PipelineError ends the process with its message."""
+    """Calls main(*command-line arguments); a PipelineError ends the process with its message, and a wrong
+    number of arguments with the stage's usage line (from its module's docstring) and exit status 2."""
+    try:
+        inspect.signature(main).bind(*sys.argv[1:])
+    except TypeError:
+        doc = sys.modules[main.__module__].__doc__ or ""
+        usage = next((line for line in doc.splitlines() if line.startswith("usage:")), f"usage: {main.__module__}")
+        print(
+            f"{usage}\nerror: expected {len(inspect.signature(main).parameters)} arguments, got {len(sys.argv) - 1}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     try:
         main(*sys.argv[1:])
     except PipelineError as error:

@@ -1,4 +1,7 @@
-"""Held-out evaluation (loss and bits per byte) and fixed-prompt completions."""
+"""Held-out evaluation: loss and bits per byte, what the training stages and the evaluate stage measure.
+
+Fixed-prompt completions are model/completions.py's: the training stages do not depend on the sampling code.
+"""
 
 import math
 
@@ -6,25 +9,22 @@ import numpy as np
 import torch
 
 from model.batches import dialogue_batch
-from model.corpus import SOURCES
-from model.encoding import load_dialogues, load_meta, load_tokens
 from model.errors import PipelineError
-from model.generate import Sampling, generate
 from model.gpt import IGNORE_INDEX
+from model.token_arrays import heldout_sources, load_dialogues, load_meta, load_tokens
+
 
 class EvaluationError(PipelineError, ValueError):
     """Held-out data that cannot be evaluated as asked."""
 
 
-BASE_PROMPTS = ("Albert Einstein was born in", "The capital of France is", "The Roman Empire was")
-CHAT_PROMPTS = ("Hello", "How are you?", "What is your name?")
-
-
 def evaluation_windows(tokens, n_batches, batch_size, context_length):
     """Fixed, evenly spaced windows over a held-out split, so every evaluation sees the same text."""
     if len(tokens) <= context_length:
-        raise EvaluationError(f"a held-out split has {len(tokens)} tokens, fewer than model.context_length + 1 = "
-                         f"{context_length + 1}: lower model.context_length or hold out more data")
+        raise EvaluationError(
+            f"a held-out split has {len(tokens)} tokens, fewer than model.context_length + 1 = "
+            f"{context_length + 1}: lower model.context_length or hold out more data"
+        )
     starts = np.linspace(0, len(tokens) - context_length - 1, n_batches * batch_size).astype(np.int64)
     for batch_starts in np.array_split(starts, n_batches):
         windows = np.stack([tokens[s : s + context_length + 1] for s in batch_starts]).astype(np.int64)
@@ -51,16 +51,18 @@ def bits_per_byte(loss, tokens, n_bytes):
 
 def heldout_evaluator(token_dir, context_length, batch_size, n_batches):
     """evaluate(model) -> loss and bits per byte on each source's held-out split."""
-    meta = load_meta(token_dir)["splits"]
+    meta = load_meta(token_dir)
+    sources = heldout_sources(meta)
+    meta = meta["splits"]
     batches = {
         source: list(evaluation_windows(load_tokens(token_dir, f"val_{source}"), n_batches, batch_size, context_length))
-        for source in SOURCES
+        for source in sources
     }
 
     def evaluate(model):
         device = model.rope_cos.device
         metrics = {}
-        for source in SOURCES:
+        for source in sources:
             loss = mean_loss(model, batches[source], device)
             split = meta[f"val_{source}"]
             metrics[f"val/{source}/loss"] = loss
@@ -86,18 +88,3 @@ def dialog_evaluator(token_dir, split, context_length, batch_size, n_batches):
         }
 
     return evaluate
-
-
-@torch.no_grad()
-def completions(model, tokenizer, chat, params, seed):
-    """[(prompt, completion)] for the fixed prompts: base prompts continue a document, chat prompts
-    get the assistant's reply."""
-    results = []
-    for prompt in CHAT_PROMPTS if chat else BASE_PROMPTS:
-        prompt_ids = tokenizer.chat_prompt([prompt]) if chat else tokenizer.document_prompt(prompt)
-        stop_ids = tokenizer.reply_end_ids if chat else tokenizer.document_end_ids
-        sampling = Sampling(params.max_new_tokens, params.temperature, params.top_k, stop_ids=tuple(stop_ids))
-        new_ids = generate(model, prompt_ids, sampling, seed)
-        # The stop token that ended the text (<|endoftext|>, a newline, <|user|>) is not part of it.
-        results.append((prompt, tokenizer.decode([i for i in new_ids if i not in stop_ids])))
-    return results

@@ -13,10 +13,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from model.dialog import ASSISTANT, END_OF_TEXT, USER
 from model.files import atomic_output, json_text
 from model.gpt import GPT, GPTConfig
-from model.tokenizer import ASSISTANT_ID, END_OF_TEXT_ID, UNK_ID, USER_ID
+from model.special_tokens import ASSISTANT, ASSISTANT_ID, END_OF_TEXT, END_OF_TEXT_ID, UNK_ID, USER, USER_ID
 
 # Our name -> the Hugging Face Llama name; {i} is the layer index.
 TENSOR_NAMES = {
@@ -34,6 +33,20 @@ TENSOR_NAMES = {
     "lm_head.weight": "lm_head.weight",
 }
 
+# Our config field -> the Hugging Face Llama config key: hf_config writes through it, load_export reads back
+# through it, so an architecture field is one line here.
+CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "context_length": "max_position_embeddings",
+    "n_layers": "num_hidden_layers",
+    "d_model": "hidden_size",
+    "n_heads": "num_attention_heads",
+    "d_ff": "intermediate_size",
+    "tie_embeddings": "tie_word_embeddings",
+    "rope_theta": "rope_theta",
+    "norm_eps": "rms_norm_eps",
+}
+
 # Renders a conversation exactly as finetuning saw it; with add_generation_prompt it ends where
 # the assistant's reply begins.
 CHAT_TEMPLATE = (
@@ -43,7 +56,11 @@ CHAT_TEMPLATE = (
     "{%- else -%}{{- raise_exception('only user and assistant messages are supported') -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '" + ASSISTANT + "\\n' -}}{%- else -%}{{- '" + END_OF_TEXT + "' -}}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '"
+    + ASSISTANT
+    + "\\n' -}}{%- else -%}{{- '"
+    + END_OF_TEXT
+    + "' -}}{%- endif -%}"
 )
 
 
@@ -58,17 +75,10 @@ def hf_config(config):
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.d_model,
-        "intermediate_size": config.d_ff,
-        "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads,
+        **{key: getattr(config, field) for field, key in CONFIG_KEYS.items()},
+        # What follows from our shape: every head has its own keys and values (no grouped-query attention).
         "num_key_value_heads": config.n_heads,
         "head_dim": config.head_dim,
-        "max_position_embeddings": config.context_length,
-        "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta,
-        "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
@@ -112,12 +122,17 @@ def model_card(name, chat, n_parameters, summary):
         "",
     ]
     if chat:
-        lines += ["Chat format: `<|user|>\\n{text}\\n<|assistant|>\\n{text}\\n`, ending with `<|endoftext|>` "
-                  "(`tokenizer.apply_chat_template` renders it).", ""]
+        lines += [
+            "Chat format: `<|user|>\\n{text}\\n<|assistant|>\\n{text}\\n`, ending with `<|endoftext|>` "
+            "(`tokenizer.apply_chat_template` renders it).",
+            "",
+        ]
     for section, values in summary.items():
         lines += [f"## {section}", "", "| | |", "|---|---|"]
-        lines += [f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
-                  for key, value in sorted(values.items())]
+        lines += [
+            f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |"
+            for key, value in sorted(values.items())
+        ]
         lines.append("")
     return "\n".join(lines)
 
@@ -134,8 +149,12 @@ def export_model(model, tokenizer_model, out_dir, name, chat, summary, generatio
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         revision = hashlib.sha256((tmp / "model.safetensors").read_bytes()).hexdigest()[:12]
         (tmp / "config.json").write_text(json_text(hf_config(model.config)), encoding="utf-8")
-        generation_config = {"eos_token_id": END_OF_TEXT_ID, "max_length": model.config.context_length,
-                             "do_sample": generation["temperature"] > 0, **generation}
+        generation_config = {
+            "eos_token_id": END_OF_TEXT_ID,
+            "max_length": model.config.context_length,
+            "do_sample": generation["temperature"] > 0,
+            **generation,
+        }
         (tmp / "generation_config.json").write_text(json_text(generation_config), encoding="utf-8")
         shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
         tokenizer_config = hf_tokenizer_config(model.config.context_length, chat)
@@ -153,26 +172,16 @@ def write_fast_tokenizer(folder):
     import transformers  # here, not at the top: only the export stage needs it, and it takes seconds to import
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    (Path(folder) / "tokenizer.json").write_text(tokenizer.backend_tokenizer.to_str(pretty=True) + "\n",
-                                                 encoding="utf-8")
+    (Path(folder) / "tokenizer.json").write_text(
+        tokenizer.backend_tokenizer.to_str(pretty=True) + "\n", encoding="utf-8"
+    )
 
 
 def load_export(folder, device="cpu"):
     """(model, listing) from a folder written by `export_model`; safetensors only, nothing unpickled."""
     folder = Path(folder)
     hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    config = GPTConfig(
-        vocab_size=hf["vocab_size"],
-        context_length=hf["max_position_embeddings"],
-        n_layers=hf["num_hidden_layers"],
-        d_model=hf["hidden_size"],
-        n_heads=hf["num_attention_heads"],
-        d_ff=hf["intermediate_size"],
-        tie_embeddings=hf["tie_word_embeddings"],
-        rope_theta=hf["rope_theta"],
-        norm_eps=hf["rms_norm_eps"],
-    )
-    model = GPT(config)
+    model = GPT(GPTConfig(**{field: hf[key] for field, key in CONFIG_KEYS.items()}))
     ours = {hf_tensor_name(name): name for name in model.weights()}
     tensors = load_file(folder / "model.safetensors")
     unknown = sorted(set(tensors) - set(ours))

@@ -55,8 +55,11 @@ def atomic_output(path):
         except Exception as error:
             if not _is_disk_full(error):
                 raise
-            raise DiskFullError(errno.ENOSPC, f"No space left on device while writing {path}: the disk is full. "
-                                f"Free some space and rerun; the previous {path}, if any, is untouched") from error
+            raise DiskFullError(
+                errno.ENOSPC,
+                f"No space left on device while writing {path}: the disk is full. "
+                f"Free some space and rerun; the previous {path}, if any, is untouched",
+            ) from error
         if path.is_dir():
             # A folder cannot be replaced in one rename: move the old one aside first.
             old = path.with_name(f".{path.name}.tmp-old-{os.getpid()}")

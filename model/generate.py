@@ -115,8 +115,11 @@ def next_tokens(logits, sequences):
     was batched.
     """
     logits = logits.float()
-    held_back = [row for row, sequence in enumerate(sequences)
-                 if len(sequence.new_ids) < sequence.sampling.min_tokens and sequence.sampling.stop_ids]
+    held_back = [
+        row
+        for row, sequence in enumerate(sequences)
+        if len(sequence.new_ids) < sequence.sampling.min_tokens and sequence.sampling.stop_ids
+    ]
     if held_back:
         logits = logits.clone()  # the caller's logits stay as the model gave them
         for row in held_back:

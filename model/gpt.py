@@ -6,39 +6,30 @@ optional tied output head. Because the shapes and the RoPE layout are Llama's, e
 Hugging Face format is a renaming of tensors (model/export.py), not a conversion.
 """
 
-import json
 import math
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import PositiveInt
 from safetensors.torch import load_file, save_file
 
 from model.files import atomic_output, json_text
+from model.params import ModelParams
 
 IGNORE_INDEX = -100  # targets with this value carry no loss (user turns, padding)
 
 
-@dataclass(frozen=True)
-class GPTConfig:
-    vocab_size: int
-    context_length: int
-    n_layers: int
-    d_model: int
-    n_heads: int
-    d_ff: int
-    tie_embeddings: bool
-    rope_theta: float
-    norm_eps: float
+class GPTConfig(ModelParams):
+    """The model's shape: the architecture of params.yaml's `model` section (its fields and checks), plus
+    the vocabulary size, which the tokenizer fixes."""
+
+    vocab_size: PositiveInt
 
     @property
     def head_dim(self):
         return self.d_model // self.n_heads
-
-    def to_dict(self):
-        return asdict(self)
 
 
 def rope_tables(head_dim, length, theta):
@@ -84,8 +75,9 @@ class KVCache:
             mask = None if len(own) == 1 else own[:, None] >= torch.arange(end, device=own.device)
             # (1, H, ., D): with a batch dimension, CPUs get the fused kernel, twice as fast for one query. The
             # server's int8 engine keeps its cache in 16-bit floats, attended in the query's type.
-            row_keys, row_values = (cache[layer, row : row + 1, :, :end].to(query.dtype)
-                                    for cache in (self.keys, self.values))
+            row_keys, row_values = (
+                cache[layer, row : row + 1, :, :end].to(query.dtype) for cache in (self.keys, self.values)
+            )
             outputs.append(F.scaled_dot_product_attention(query[None], row_keys, row_values, attn_mask=mask))
         return torch.cat(outputs)
 
@@ -101,8 +93,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, layer=None, rows=None, positions=None):
         batch, length, width = x.shape
-        q, k, v = (proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            proj(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -156,7 +150,8 @@ class GPT(nn.Module):
     def init_weights(self, scheme):
         """Draws fresh weights: 'gpt2', 'zero_out' or 'reference' (see PretrainParams.init)."""
         residual_outputs = [block.attn.o_proj.weight for block in self.layers] + [
-            block.mlp.down_proj.weight for block in self.layers]
+            block.mlp.down_proj.weight for block in self.layers
+        ]
         for module in self.modules():
             if isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
@@ -207,8 +202,10 @@ class GPT(nn.Module):
             if name not in expected:
                 raise ValueError(f"weights hold tensor '{name}' that this model config does not have")
             if weights[name].shape != expected[name].shape:
-                raise ValueError(f"tensor '{name}' has shape {tuple(weights[name].shape)}, this model config "
-                                 f"needs {tuple(expected[name].shape)}")
+                raise ValueError(
+                    f"tensor '{name}' has shape {tuple(weights[name].shape)}, this model config "
+                    f"needs {tuple(expected[name].shape)}"
+                )
         self.load_state_dict(weights, strict=True)
 
     def forward(self, tokens, targets=None, cache=None, rows=None, positions=None):
@@ -230,8 +227,9 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         # The mean over real targets, and 0 (not NaN) for a batch that has none.
-        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="sum")
+        total = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         return logits, total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
     def parameter_groups(self):
@@ -252,15 +250,15 @@ def save_model(model, out_dir):
     """`out_dir`/model.safetensors and config.json, written as one atomic folder."""
     with atomic_output(Path(out_dir)) as tmp:
         tmp.mkdir()
-        save_file({name: t.detach().contiguous().cpu() for name, t in model.weights().items()},
-                  tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json_text(model.config.to_dict()), encoding="utf-8")
+        save_file(
+            {name: t.detach().contiguous().cpu() for name, t in model.weights().items()}, tmp / "model.safetensors"
+        )
+        (tmp / "config.json").write_text(json_text(model.config.model_dump()), encoding="utf-8")
 
 
 def load_model(model_dir, device="cpu"):
     """A model saved by `save_model`; weights come from safetensors only, nothing is unpickled."""
     model_dir = Path(model_dir)
-    config = GPTConfig(**json.loads((model_dir / "config.json").read_text(encoding="utf-8")))
-    model = GPT(config)
+    model = GPT(GPTConfig.model_validate_json((model_dir / "config.json").read_text(encoding="utf-8")))
     model.load_weights(load_file(model_dir / "model.safetensors"))
     return model.to(device).eval()

@@ -22,9 +22,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from model.dialog import ASSISTANT, END_OF_TEXT, USER
 from model.errors import PipelineError
-from model.tokenizer import END_OF_TEXT_ID, USER_ID
+from model.special_tokens import ASSISTANT, END_OF_TEXT, END_OF_TEXT_ID, USER, USER_ID
 
 # The release whose vendored llama.cpp converts our models, and its source distribution's hash.
 LLAMA_CPP_PYTHON = "0.3.36"
@@ -32,8 +31,14 @@ SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 # What the stage writes per model: full-quality 16-bit, and 8-bit (half the size, near-identical output).
 OUTTYPES = ("f16", "q8_0")
 NEWLINE_PIECE = "<0x0A>"
-EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "pipeline.json",
-                "tokenizer.model", "tokenizer_config.json")
+EXPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "pipeline.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+)
 
 
 def converter_folder():
@@ -54,21 +59,39 @@ def fetch_converter(folder):
     with tempfile.TemporaryDirectory() as tmp:
         requirement = Path(tmp) / "requirements.txt"
         requirement.write_text(f"llama-cpp-python=={LLAMA_CPP_PYTHON} --hash=sha256:{SDIST_SHA256}\n", encoding="utf-8")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        "--require-hashes", "-r", str(requirement), "-d", tmp], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--require-hashes",
+                "-r",
+                str(requirement),
+                "-d",
+                tmp,
+            ],
+            check=True,
+        )
         unpacked = Path(tmp) / "unpacked"
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
         wanted = ("convert_hf_to_gguf.py", "LICENSE", "conversion/", "gguf-py/")
         with tarfile.open(Path(tmp) / sdist_name()) as sdist:
-            members = [m for m in sdist.getmembers()
-                       if m.name.startswith(prefix) and m.name[len(prefix):].startswith(wanted)]
+            members = [
+                m for m in sdist.getmembers() if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)
+            ]
             sdist.extractall(unpacked, members=members, filter="data")
         staged = Path(tmp) / "staged"
         shutil.move(unpacked / prefix, staged)
         # The sdist itself stays beside the converter: `make llamacpp` builds llama-cpp-python from it.
         shutil.move(Path(tmp) / sdist_name(), staged / sdist_name())
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", str(staged / "gguf-py")],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", str(staged / "gguf-py")], check=True
+        )
         (staged / "VERSION").write_text(LLAMA_CPP_PYTHON, encoding="utf-8")
         if folder.exists():
             shutil.rmtree(folder)
@@ -80,8 +103,10 @@ def check_export(folder):
     folder = Path(folder)
     missing = [name for name in EXPORT_FILES if not (folder / name).is_file()]
     if missing:
-        raise PipelineError(f"{folder}: not a model folder written by the export stage (missing {', '.join(missing)}); "
-                            "run `dvc repro export`")
+        raise PipelineError(
+            f"{folder}: not a model folder written by the export stage (missing {', '.join(missing)}); "
+            "run `dvc repro export`"
+        )
 
 
 def read_export_json(folder, name):
@@ -101,9 +126,12 @@ def convert(export_folder, out_file, outtype):
     if not converter.is_file():
         raise PipelineError(f"llama.cpp's converter is not installed ({converter} is missing): run `make setup`")
     raw = Path(out_file).with_name(Path(out_file).name + ".converted")
-    result = subprocess.run([sys.executable, str(converter), str(export_folder), "--outtype", outtype,
-                             "--outfile", str(raw)],
-                            env={**os.environ, "NO_LOCAL_GGUF": "1"}, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(converter), str(export_folder), "--outtype", outtype, "--outfile", str(raw)],
+        env={**os.environ, "NO_LOCAL_GGUF": "1"},
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raw.unlink(missing_ok=True)
         tail = "\n".join(result.stderr.strip().splitlines()[-5:])
@@ -113,13 +141,16 @@ def convert(export_folder, out_file, outtype):
     tokens = reader.get_field(gguf.Keys.Tokenizer.LIST).contents()
     token_id = {"bos": END_OF_TEXT_ID, "eot": tokens.index(NEWLINE_PIECE), "eom": USER_ID}
     uint32, boolean = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.BOOL
-    new_metadata = {gguf.Keys.Tokenizer.BOS_ID: MetadataDetails(uint32, token_id["bos"]),
-                    gguf.Keys.Tokenizer.ADD_BOS: MetadataDetails(boolean, not chat)}
+    new_metadata = {
+        gguf.Keys.Tokenizer.BOS_ID: MetadataDetails(uint32, token_id["bos"]),
+        gguf.Keys.Tokenizer.ADD_BOS: MetadataDetails(boolean, not chat),
+    }
     if chat:
         new_metadata[gguf.Keys.Tokenizer.EOT_ID] = MetadataDetails(uint32, token_id["eot"])
         new_metadata[gguf.Keys.Tokenizer.EOM_ID] = MetadataDetails(uint32, token_id["eom"])
-    writer = gguf.GGUFWriter(out_file, arch=reader.get_field(gguf.Keys.General.ARCHITECTURE).contents(),
-                             endianess=reader.endianess)
+    writer = gguf.GGUFWriter(
+        out_file, arch=reader.get_field(gguf.Keys.General.ARCHITECTURE).contents(), endianess=reader.endianess
+    )
     copy_with_new_metadata(reader, writer, new_metadata, remove_metadata=[])
     del reader  # its memory map holds the file open
     raw.unlink()
@@ -133,17 +164,20 @@ def modelfile(export_folder, gguf_name):
     lines = [f"# ollama create NAME -f {gguf_name.removesuffix('.gguf')}.Modelfile", f"FROM ./{gguf_name}"]
     if chat:
         # Ollama's Go template of the chat format; system messages are left out (our API refuses them).
-        lines.append('TEMPLATE """{{- range .Messages }}{{ if eq .Role "user" }}' + USER + "\n{{ .Content }}\n"
-                     '{{ else if eq .Role "assistant" }}' + ASSISTANT + "\n{{ .Content }}\n"
-                     "{{ end }}{{ end }}" + ASSISTANT + '\n"""')
+        lines.append(
+            'TEMPLATE """{{- range .Messages }}{{ if eq .Role "user" }}' + USER + "\n{{ .Content }}\n"
+            '{{ else if eq .Role "assistant" }}' + ASSISTANT + "\n{{ .Content }}\n"
+            "{{ end }}{{ end }}" + ASSISTANT + '\n"""'
+        )
         stops = [USER, END_OF_TEXT]
     else:
         lines.append('TEMPLATE """{{ .Prompt }}"""')
         stops = [END_OF_TEXT]
     lines += [f'PARAMETER stop "{stop}"' for stop in stops]
     lines.append(f"PARAMETER num_ctx {context_length}")
-    lines += [f"PARAMETER {name} {generation[name]}" for name in ("temperature", "top_k", "top_p")
-              if name in generation]
+    lines += [
+        f"PARAMETER {name} {generation[name]}" for name in ("temperature", "top_k", "top_p") if name in generation
+    ]
     return "\n".join(lines) + "\n"
 
 

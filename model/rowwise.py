@@ -16,8 +16,8 @@ row's output is bit for bit the same in a batch of any size, at either precision
 The kernel is compiled with the system C++ compiler on first use and cached under ~/.cache.
 """
 
-import ctypes
 import copy
+import ctypes
 import functools
 import hashlib
 import os
@@ -59,19 +59,23 @@ def _cpu_flags():
 def _build():
     compiler = os.environ.get("CXX", "c++")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()])
+    ).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dvc-gpt"
     library = cache / f"rowwise-{key}.so"
     if not library.exists():
         cache.mkdir(parents=True, exist_ok=True)
         partial = cache / f"{library.name}.{os.getpid()}.tmp"
         try:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True,
-                           text=True)
+            subprocess.run(
+                [compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True, text=True
+            )
         except FileNotFoundError:
-            raise KernelBuildError(f"serving needs a C++ compiler to build {SOURCE.name} and found no '{compiler}' "
-                                   f"(install g++, or name one in $CXX)") from None
+            raise KernelBuildError(
+                f"serving needs a C++ compiler to build {SOURCE.name} and found no '{compiler}' "
+                f"(install g++, or name one in $CXX)"
+            ) from None
         except subprocess.CalledProcessError as error:
             raise KernelBuildError(f"'{compiler}' failed to build {SOURCE}:\n{error.stderr.strip()}") from None
         partial.replace(library)  # atomic: a concurrent build never loads a half-written library
@@ -80,7 +84,16 @@ def _build():
     lib.linear_f32.argtypes = [pointer, size, size, pointer, pointer, size, ctypes.c_int]
     lib.linear_i8.argtypes = [pointer, pointer, size, size, pointer, pointer, size, ctypes.c_int]
     lib.rms_norm.argtypes = [pointer, size, ctypes.c_float, pointer, pointer, size]
-    lib.decode_step.argtypes = [pointer] * 3 + [size] * 5 + [ctypes.c_float] + [pointer] * 5 + [size] + [pointer] * 2 + [size] * 3 + [pointer, ctypes.c_int]
+    lib.decode_step.argtypes = (
+        [pointer] * 3
+        + [size] * 5
+        + [ctypes.c_float]
+        + [pointer] * 5
+        + [size]
+        + [pointer] * 2
+        + [size] * 3
+        + [pointer, ctypes.c_int]
+    )
     return lib
 
 
@@ -109,8 +122,7 @@ class RowwiseLinear(nn.Module):
             scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
             self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))
             self.register_buffer("scale", scale.contiguous())
-            self.compute = functools.partial(library().linear_i8, self.weight.data_ptr(), self.scale.data_ptr(),
-                                             *sizes)
+            self.compute = functools.partial(library().linear_i8, self.weight.data_ptr(), self.scale.data_ptr(), *sizes)
         else:
             self.register_buffer("weight", weight)
             self.compute = functools.partial(library().linear_f32, self.weight.data_ptr(), *sizes)
@@ -173,14 +185,31 @@ class RowwiseDecoder:
         self.head = torch.tensor([model.norm.weight.data_ptr(), *projection(model.lm_head)], dtype=torch.int64)
         self.embed = model.embed.weight.detach().float().contiguous()
         self.step = functools.partial(
-            library().decode_step, self.layers.data_ptr(), self.head.data_ptr(), self.embed.data_ptr(),
-            config.n_layers, config.d_model, config.n_heads, config.d_ff, config.vocab_size,
-            config.norm_eps, model.rope_cos.data_ptr(), model.rope_sin.data_ptr())
+            library().decode_step,
+            self.layers.data_ptr(),
+            self.head.data_ptr(),
+            self.embed.data_ptr(),
+            config.n_layers,
+            config.d_model,
+            config.n_heads,
+            config.d_ff,
+            config.vocab_size,
+            config.norm_eps,
+            model.rope_cos.data_ptr(),
+            model.rope_sin.data_ptr(),
+        )
         if cache.keys.dtype not in CACHE_DTYPES.values() or cache.keys.device.type != "cpu":
-            raise ValueError(f"the decode kernel reads a CPU cache of {' or '.join(map(str, CACHE_DTYPES.values()))}, "
-                             f"not {cache.keys.dtype} on {cache.keys.device}")
-        self.cache_pointers = (cache.keys.data_ptr(), cache.values.data_ptr(), cache.keys.dtype == torch.float16,
-                               cache.keys.shape[1], cache.keys.shape[3])
+            raise ValueError(
+                f"the decode kernel reads a CPU cache of {' or '.join(map(str, CACHE_DTYPES.values()))}, "
+                f"not {cache.keys.dtype} on {cache.keys.device}"
+            )
+        self.cache_pointers = (
+            cache.keys.data_ptr(),
+            cache.values.data_ptr(),
+            cache.keys.dtype == torch.float16,
+            cache.keys.shape[1],
+            cache.keys.shape[3],
+        )
         # Torch's thread count where the decoder is made: the server calls it from a thread of its own, and
         # a thread need not see a count set in another.
         self.threads = torch.get_num_threads()
@@ -188,10 +217,19 @@ class RowwiseDecoder:
     def __call__(self, tokens, rows, positions):
         """Logits (B, vocab) of the next token of each sequence: `tokens` (B,) at `positions` (B,) of cache `rows`
         (B,), whose earlier positions the cache holds."""
-        tokens, rows, positions = (torch.as_tensor(t, dtype=torch.int64).contiguous() for t in (tokens, rows, positions))
+        tokens, rows, positions = (
+            torch.as_tensor(t, dtype=torch.int64).contiguous() for t in (tokens, rows, positions)
+        )
         logits = torch.empty(len(tokens), self.vocab_size)
-        self.step(tokens.data_ptr(), rows.data_ptr(), positions.data_ptr(), len(tokens), *self.cache_pointers,
-                  logits.data_ptr(), self.threads)
+        self.step(
+            tokens.data_ptr(),
+            rows.data_ptr(),
+            positions.data_ptr(),
+            len(tokens),
+            *self.cache_pointers,
+            logits.data_ptr(),
+            self.threads,
+        )
         return logits
 
 

@@ -50,8 +50,9 @@ def is_transient(error):
     if isinstance(error, HfHubHTTPError):
         return error.response is not None and (error.response.status_code >= 500 or error.response.status_code == 429)
     # LocalEntryNotFoundError: hf_hub_download could not reach the hub (and had no cached copy).
-    return isinstance(error, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError,
-                              LocalEntryNotFoundError))
+    return isinstance(
+        error, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError, LocalEntryNotFoundError)
+    )
 
 
 def _is_network_error(error):
@@ -81,12 +82,18 @@ def read_pin(pin, key):
         fields = json.loads(Path(pin).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:  # ValueError: not UTF-8, not JSON
         raise SourceError(f"{key}: cannot read hub pin '{pin}' ({_describe(error)})") from error
-    valid = (isinstance(fields, dict) and set(fields) == {"dataset", "revision"}
-             and isinstance(fields["dataset"], str) and fields["dataset"].count("/") == 1
-             and (fields["revision"] is None or isinstance(fields["revision"], str)))
+    valid = (
+        isinstance(fields, dict)
+        and set(fields) == {"dataset", "revision"}
+        and isinstance(fields["dataset"], str)
+        and fields["dataset"].count("/") == 1
+        and (fields["revision"] is None or isinstance(fields["revision"], str))
+    )
     if not valid:
-        raise SourceError(f'{key}: hub pin \'{pin}\' must hold exactly {{"dataset": "owner/name", "revision": a '
-                          f"commit or null for the newest}}, not {json.dumps(fields)}")
+        raise SourceError(
+            f'{key}: hub pin \'{pin}\' must hold exactly {{"dataset": "owner/name", "revision": a '
+            f"commit or null for the newest}}, not {json.dumps(fields)}"
+        )
     return fields["dataset"], fields["revision"]
 
 
@@ -104,11 +111,13 @@ def resolve(source, key):
             )
         return source, None
     try:
-        info = _with_retries(lambda: huggingface_hub.HfApi().dataset_info(source, revision=revision,
-                                                                          timeout=HUB_TIMEOUT_SECONDS))
+        info = _with_retries(
+            lambda: huggingface_hub.HfApi().dataset_info(source, revision=revision, timeout=HUB_TIMEOUT_SECONDS)
+        )
     except huggingface_hub.errors.RevisionNotFoundError as error:
-        raise SourceError(f"{key}: dataset '{source}' has no revision '{revision}' on the Hugging Face hub ({pin}).") \
-            from error
+        raise SourceError(
+            f"{key}: dataset '{source}' has no revision '{revision}' on the Hugging Face hub ({pin})."
+        ) from error
     except huggingface_hub.errors.RepositoryNotFoundError as error:
         raise SourceError(
             f"{key}: dataset '{source}' was not found on the Hugging Face hub. Check the id, or set {key} "
@@ -140,8 +149,9 @@ def stream_records(source, key, *, data_dir=None, data_files=None):
         if not any(match.is_file() for match in Path(path).glob(pattern)):
             raise SourceError(f"{key}: no data files match '{pattern}' under local folder '{path}'.")
     try:
-        builder = _with_retries(lambda: datasets.load_dataset_builder(
-            path, data_dir=data_dir, data_files=data_files, revision=revision))
+        builder = _with_retries(
+            lambda: datasets.load_dataset_builder(path, data_dir=data_dir, data_files=data_files, revision=revision)
+        )
     except Exception as error:
         if revision is not None and _is_network_error(error):
             raise _network_error(key, source, "listing the data files", error) from error
@@ -153,8 +163,9 @@ def _stream_files(file_format, files, source, key):
     """The records of `files` (parquet or JSON lines) one file after the other."""
     for file in files:
         try:
-            records = _with_retries(lambda: datasets.load_dataset(
-                file_format, data_files=[file], split="train", streaming=True))
+            records = _with_retries(
+                lambda file=file: datasets.load_dataset(file_format, data_files=[file], split="train", streaming=True)
+            )
             yield from records
         except Exception as error:
             if _is_network_error(error):
@@ -162,8 +173,11 @@ def _stream_files(file_format, files, source, key):
             # A damaged file (truncated, garbage bytes, invalid UTF-8 in a JSON line) stops the stage rather
             # than being skipped: a skipped shard would silently change the corpus. The hub's parquet and
             # JSON files are valid UTF-8, so an undecodable byte means a damaged copy, not text to repair.
-            remedy = ("Rerun the stage; if it fails again, the file on the hub is damaged" if file.startswith("hf://")
-                      else "Download it again, or remove it from the folder if it does not belong there")
+            remedy = (
+                "Rerun the stage; if it fails again, the file on the hub is damaged"
+                if file.startswith("hf://")
+                else "Download it again, or remove it from the folder if it does not belong there"
+            )
             raise SourceError(
                 f"{key}: cannot read '{file}' ({_describe(error)}). The file is damaged (truncated or corrupt) "
                 f"or not a valid {file_format} file. {remedy}."
@@ -179,8 +193,9 @@ def fetch_file(source, key, filename):
             raise SourceError(f"{key}: '{local}' is missing; the folder must hold {filename}.")
         return local, None
     try:
-        downloaded = _with_retries(lambda: huggingface_hub.hf_hub_download(
-            path, filename, repo_type="dataset", revision=revision))
+        downloaded = _with_retries(
+            lambda: huggingface_hub.hf_hub_download(path, filename, repo_type="dataset", revision=revision)
+        )
     except RemoteEntryNotFoundError as error:
         raise SourceError(f"{key}: dataset '{source}' has no file '{filename}'.") from error
     except Exception as error:

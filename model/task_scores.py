@@ -15,7 +15,7 @@ Two choices are made here once, for every path that scores our models with lm-ev
 
 import functools
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -26,12 +26,12 @@ from lm_eval.api.metrics import aggregate_subtask_metrics, unweighted_mean_stder
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from model.dialog import END_OF_TEXT
 from model.errors import PipelineError
 from model.params import TaskSourcesParams
 from model.sources import resolve
+from model.special_tokens import END_OF_TEXT
 
-SUITE = tuple(field.name for field in fields(TaskSourcesParams))
+SUITE = tuple(TaskSourcesParams.model_fields)
 # LAMBADA's perplexity is the one metric of the suite whose standard error lm-eval bootstraps: 10,000
 # resamples (its default is 100,000, ten times the time) give that error to about 1% (1 / sqrt(2 x 10,000)).
 BOOTSTRAP_ITERS = 10_000
@@ -70,6 +70,7 @@ class Suite:
 @dataclass
 class SuiteTask:
     """One task of the suite, loaded: what lm-eval runs, and every request of every item, to choose from."""
+
     name: str  # the suite's name (TaskSourcesParams), lm-eval's task or group name
     source: str
     spec: object  # the lm-eval Group holding the stock task(s), their data read from the source
@@ -115,13 +116,18 @@ def _data_overrides(name, source, path, revision, configs, leaves):
     for leaf, stock in leaves.items():
         config = stock.get("dataset_name") or "default"
         if config not in configs:
-            raise _source_error(name, source, f"has no config '{config}' (lm-eval's {leaf} reads it); "
-                                              f"its configs: {', '.join(configs)}")
+            raise _source_error(
+                name, source, f"has no config '{config}' (lm-eval's {leaf} reads it); its configs: {', '.join(configs)}"
+            )
         splits = datasets.get_dataset_split_names(path, config, revision=revision)
         scored = stock.get("test_split") or stock["validation_split"]
         if scored not in splits:
-            raise _source_error(name, source, f"has no split '{scored}' in config '{config}' (lm-eval's {leaf} "
-                                              f"scores it); its splits: {', '.join(splits)}")
+            raise _source_error(
+                name,
+                source,
+                f"has no split '{scored}' in config '{config}' (lm-eval's {leaf} "
+                f"scores it); its splits: {', '.join(splits)}",
+            )
         override = {"task": leaf, "dataset_path": path if revision else str(Path(path).resolve())}
         if revision:
             override["dataset_kwargs"] = {"revision": revision}
@@ -173,17 +179,23 @@ def load_task(name, source):
         requests = {leaf: _build_requests(task) for leaf, task in tasks.items()}
         paradigm_fields = {leaf: task.eval_docs[0]["field"] for leaf, task in tasks.items()} if name == "blimp" else {}
     except Exception as error:
-        raise _source_error(name, source, f"failed in lm-eval while loading its {name} task "
-                                          f"({_root_cause(error)})") from error
+        raise _source_error(
+            name, source, f"failed in lm-eval while loading its {name} task ({_root_cause(error)})"
+        ) from error
     return SuiteTask(name, source, spec, requests, paradigm_fields)
 
 
 def choose_items(items, encode, context_length, limit, seed, task_name):
     """(indices of the items to score, how many do not fit): every item whose requests all fit the context,
     or a sample of `limit` of them drawn with (seed, task_name), in the source's order."""
-    fitting = [index for index, requests in enumerate(items)
-               if all(fits_context(context, continuation, encode, context_length) for context, continuation in requests)]
-    chosen = fitting if limit == 0 or len(fitting) <= limit else random.Random(f"{seed}:{task_name}").sample(fitting, limit)
+    fitting = [
+        index
+        for index, requests in enumerate(items)
+        if all(fits_context(context, continuation, encode, context_length) for context, continuation in requests)
+    ]
+    chosen = (
+        fitting if limit == 0 or len(fitting) <= limit else random.Random(f"{seed}:{task_name}").sample(fitting, limit)
+    )
     return sorted(chosen), len(items) - len(fitting)
 
 
@@ -193,18 +205,26 @@ def resolve_device(device):
 
 def check_export(export_dir):
     if not (Path(export_dir) / "config.json").is_file():
-        raise TaskScoresError(f"'{export_dir}' is not an exported model (it has no config.json): run the export "
-                              f"stage first")
+        raise TaskScoresError(
+            f"'{export_dir}' is not an exported model (it has no config.json): run the export stage first"
+        )
 
 
 def load_scorer(export_dir, batch_size, device):
     """lm-eval's `hf` model on an exported folder, in fp32, with the stage's tokenizer."""
-    return HFLM(pretrained=str(export_dir), tokenizer=scoring_tokenizer(export_dir), add_bos_token=True,
-                batch_size=batch_size, device=resolve_device(device), dtype="float32")
+    return HFLM(
+        pretrained=str(export_dir),
+        tokenizer=scoring_tokenizer(export_dir),
+        add_bos_token=True,
+        batch_size=batch_size,
+        device=resolve_device(device),
+        dtype="float32",
+    )
 
 
 def score_model(scorer, suite, limit, seed):
     """{task: its figures} of one model on every task of the suite (see `_task_figures`)."""
+
     def encode(text):
         return scorer.tokenizer.encode(text, add_special_tokens=False)
 
@@ -215,31 +235,47 @@ def score_model(scorer, suite, limit, seed):
             samples[leaf], left_out = choose_items(items, encode, scorer.max_length, limit, seed, leaf)
             too_long += left_out
             if not samples[leaf]:
-                raise _source_error(task.name, task.source, f"has no item of lm-eval's {leaf} that fits the "
-                                                            f"model's context of {scorer.max_length} tokens")
+                raise _source_error(
+                    task.name,
+                    task.source,
+                    f"has no item of lm-eval's {leaf} that fits the model's context of {scorer.max_length} tokens",
+                )
         try:
-            results = lm_eval.simple_evaluate(model=scorer, tasks=[task.spec], task_manager=suite.manager,
-                                              samples=samples, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False)
+            results = lm_eval.simple_evaluate(
+                model=scorer,
+                tasks=[task.spec],
+                task_manager=suite.manager,
+                samples=samples,
+                bootstrap_iters=BOOTSTRAP_ITERS,
+                log_samples=False,
+            )
         except Exception as error:
-            raise _source_error(task.name, task.source, f"failed in lm-eval while scoring its {task.name} task "
-                                                        f"({_root_cause(error)})") from error
+            raise _source_error(
+                task.name, task.source, f"failed in lm-eval while scoring its {task.name} task ({_root_cause(error)})"
+            ) from error
         scores[task.name] = _task_figures(task, results, too_long)
     return scores
 
 
 def _metrics(result):
     """lm-eval's figures of one task or group ("acc,none": ...) as {"acc": ..., "acc_stderr": ...}."""
-    return {key.split(",")[0]: float(value) for key, value in result.items()
-            if key.endswith(",none") and isinstance(value, (int, float))}
+    return {
+        key.split(",")[0]: float(value)
+        for key, value in result.items()
+        if key.endswith(",none") and isinstance(value, (int, float))
+    }
 
 
 def _mean_over_paradigms(paradigms):
     """BLiMP's figure over paradigms, as lm-eval's stock blimp group aggregates (_blimp.yaml): the unweighted
     mean of their accuracies, with the standard error of that mean."""
-    return {"acc": float(aggregate_subtask_metrics([m["acc"] for m in paradigms], [1] * len(paradigms),
-                                                   weight_by_size=False)),
-            "acc_stderr": float(unweighted_mean_stderr([m["acc_stderr"] for m in paradigms])),
-            "paradigms": len(paradigms)}
+    return {
+        "acc": float(
+            aggregate_subtask_metrics([m["acc"] for m in paradigms], [1] * len(paradigms), weight_by_size=False)
+        ),
+        "acc_stderr": float(unweighted_mean_stderr([m["acc_stderr"] for m in paradigms])),
+        "paradigms": len(paradigms),
+    }
 
 
 def _task_figures(task, results, too_long):
@@ -253,8 +289,11 @@ def _task_figures(task, results, too_long):
     by_field = {}
     for leaf, figures in paradigms.items():
         by_field.setdefault(task.paradigm_fields[leaf], []).append(figures)
-    return {**_mean_over_paradigms(list(paradigms.values())), **counts,
-            "fields": {field: _mean_over_paradigms(figures) for field, figures in by_field.items()}}
+    return {
+        **_mean_over_paradigms(list(paradigms.values())),
+        **counts,
+        "fields": {field: _mean_over_paradigms(figures) for field, figures in by_field.items()},
+    }
 
 
 def plot_rows(scores):

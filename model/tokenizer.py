@@ -14,10 +14,10 @@ import re
 import numpy as np
 import sentencepiece as spm
 
-from model.dialog import ASSISTANT, END_OF_TEXT, USER, render_chat
+from model.dialog import render_chat
 from model.errors import PipelineError
+from model.special_tokens import ASSISTANT, ASSISTANT_ID, END_OF_TEXT, END_OF_TEXT_ID, UNK_ID, USER, USER_ID
 
-UNK_ID, END_OF_TEXT_ID, USER_ID, ASSISTANT_ID = 0, 1, 2, 3
 # sentencepiece skips longer lines while training; paragraphs longer than this are rare.
 MAX_SENTENCE_BYTES = 16384
 # sentencepiece encodes each whitespace-led word on its own (a run of spaces joins the next word):
@@ -32,18 +32,6 @@ def bpe_lines(texts):
 
 class CorpusTooSmallError(PipelineError, ValueError):
     """The training text cannot support the requested vocabulary."""
-
-
-class VocabularyMismatchError(PipelineError, ValueError):
-    """A model and a tokenizer that were not made for each other."""
-
-
-def check_same_vocabulary(tokenizer, tokenizer_source, model_config, model_source):
-    """The one check that a model's vocabulary is the tokenizer's; the error names both files."""
-    if tokenizer.vocab_size != model_config.vocab_size:
-        raise VocabularyMismatchError(
-            f"{model_source} has a vocabulary of {model_config.vocab_size} tokens but {tokenizer_source} has "
-            f"{tokenizer.vocab_size}: the model was trained with another tokenizer; rerun its training stage")
 
 
 def sample_sentences(lines, max_sentences, seed):
@@ -109,7 +97,6 @@ class Tokenizer:
         for piece, expected in ((END_OF_TEXT, END_OF_TEXT_ID), (USER, USER_ID), (ASSISTANT, ASSISTANT_ID)):
             if self.sp.piece_to_id(piece) != expected:
                 raise ValueError(f"{model_file}: not a tokenizer of this project ({piece} is not id {expected})")
-        self.eot_id = END_OF_TEXT_ID
         # Tokens that end a generated document, and an assistant reply: a reply is one line, so its
         # newline (a byte piece: BPE never saw one, it trains on single lines) ends the turn as well.
         self.document_end_ids = (END_OF_TEXT_ID,)
@@ -131,8 +118,11 @@ class Tokenizer:
             sequence.append(-1)  # numpy reads -1 as the last table entry: <|endoftext|>
         encoded = self.sp.encode(list(word_index))
         lengths = np.array([len(ids) for ids in encoded] + [1], dtype=np.int64)
-        table = np.fromiter(itertools.chain(itertools.chain.from_iterable(encoded), [END_OF_TEXT_ID]),
-                            dtype=np.uint16, count=int(lengths.sum()))
+        table = np.fromiter(
+            itertools.chain(itertools.chain.from_iterable(encoded), [END_OF_TEXT_ID]),
+            dtype=np.uint16,
+            count=int(lengths.sum()),
+        )
         table_starts = np.cumsum(lengths) - lengths
         sequence = np.array(sequence, dtype=np.int64)
         out_lengths = lengths[sequence]
@@ -156,7 +146,9 @@ class Tokenizer:
         for start in range(len(tail) - 1, -1, -1):
             if tail[start] & 0xC0 == 0x80:  # a continuation byte: look further back for the character's start
                 continue
-            needed = next((length for length, (mask, lead) in enumerate(UTF8_LEADS, 2) if tail[start] & mask == lead), 1)
+            needed = next(
+                (length for length, (mask, lead) in enumerate(UTF8_LEADS, 2) if tail[start] & mask == lead), 1
+            )
             return len(tail) - start if len(tail) - start < needed else 0
         return 0
 
@@ -210,7 +202,9 @@ class Tokenizer:
             lines += role_line + text_line
             mask += [0] * len(role_line) + [int(reply)] * len(text_line)
         if lines + [END_OF_TEXT_ID] != ids:
-            raise ValueError("this tokenizer merges across the chat format's line breaks: the assistant mask "
-                             "cannot be aligned (train it with model.tokenizer.train_bpe)")
+            raise ValueError(
+                "this tokenizer merges across the chat format's line breaks: the assistant mask "
+                "cannot be aligned (train it with model.tokenizer.train_bpe)"
+            )
         mask.append(int(len(turns) > 0 and len(turns) % 2 == 0))
         return ids, np.array(mask, dtype=np.uint8)

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -76,13 +76,18 @@ def build_optimizers(model, params, fused=False, cpu=True):
     groups = model.parameter_groups()
     if params.optimizer == "adamw":
         matrices = [p for p in model.parameters() if p.dim() == 2]
-        adamw_groups = [{"params": matrices, "peak_lr": params.lr, "weight_decay": params.weight_decay},
-                        {"params": groups["gains"], "peak_lr": params.lr, "weight_decay": 0.0}]
+        adamw_groups = [
+            {"params": matrices, "peak_lr": params.lr, "weight_decay": params.weight_decay},
+            {"params": groups["gains"], "peak_lr": params.lr, "weight_decay": 0.0},
+        ]
         return {"adamw": torch.optim.AdamW(adamw_groups, lr=params.lr, betas=betas, fused=fused)}
     tied = model.config.tie_embeddings
     adamw_groups = [
-        {"params": groups["embedding"], "peak_lr": params.lr if tied else params.embed_lr,
-         "weight_decay": params.weight_decay},
+        {
+            "params": groups["embedding"],
+            "peak_lr": params.lr if tied else params.embed_lr,
+            "weight_decay": params.weight_decay,
+        },
         {"params": groups["head"], "peak_lr": params.lr, "weight_decay": params.weight_decay},
         {"params": groups["gains"], "peak_lr": params.lr, "weight_decay": 0.0},
     ]
@@ -167,8 +172,9 @@ def start_runtime(params):
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Runtime(device, rank, world_size, compile=use_cuda and params.compile, bf16=use_cuda and params.bf16,
-                   fused=use_cuda)
+    return Runtime(
+        device, rank, world_size, compile=use_cuda and params.compile, bf16=use_cuda and params.bf16, fused=use_cuda
+    )
 
 
 def save_checkpoint(path, model, optimizers, step, identity, history, complete):
@@ -262,12 +268,15 @@ class RunPaths:
     model: Path  # the trained model folder
 
 
-def train(model, params, *, sample_batch, evaluate, paths, identity, unique_tokens, desc, runtime=None):
+def train(
+    model, params, *, sample_batch, evaluate, paths, identity, unique_tokens, checkpoint_every, desc, runtime=None
+):
     """Trains `model` per TrainParams `params`, saves it to `paths.model`; returns the final evaluation metrics.
 
     sample_batch(step, micro) -> (inputs, targets) of the whole micro-batch (all processes);
     evaluate(model) -> {metric name: value}, run on the main process; unique_tokens: the size of
-    the training data, for train/epochs. `runtime` defaults to what params.device picks.
+    the training data, for train/epochs; checkpoint_every: the steps between two checkpoints (and the
+    last step has one). `runtime` defaults to what params.device picks.
     """
     runtime = runtime or start_runtime(params)
     if params.batch_size % runtime.world_size:
@@ -326,17 +335,25 @@ def train(model, params, *, sample_batch, evaluate, paths, identity, unique_toke
 
         final = done == params.steps
         evaluating = done % params.eval_every == 0 or final
-        checkpointing = done % params.checkpoint_every == 0 or final
+        checkpointing = done % checkpoint_every == 0 or final
         if done % params.log_every == 0 or evaluating or checkpointing:
             bad = int(first_bad_step)
             if bad >= 0:
-                raise TrainingError(f"{desc}: non-finite loss or gradient at step {bad}; the last good checkpoint "
-                                    f"is kept at {paths.checkpoint}. Lower the learning rate or check the data.")
+                raise TrainingError(
+                    f"{desc}: non-finite loss or gradient at step {bad}; the last good checkpoint "
+                    f"is kept at {paths.checkpoint}. Lower the learning rate or check the data."
+                )
             tokens_seen += window_tokens
-            row = _log_window(runtime, done, window_loss, window_steps, window_tokens, window_start,
-                              peak_flops, flops_per_token)
-            row.update({"train/lr": learning_rate(step, params), "train/tokens": tokens_seen,
-                        "train/epochs": tokens_seen / unique_tokens})
+            row = _log_window(
+                runtime, done, window_loss, window_steps, window_tokens, window_start, peak_flops, flops_per_token
+            )
+            row.update(
+                {
+                    "train/lr": learning_rate(step, params),
+                    "train/tokens": tokens_seen,
+                    "train/epochs": tokens_seen / unique_tokens,
+                }
+            )
             if runtime.is_main:
                 if evaluating:
                     metrics = evaluate(model)
@@ -345,8 +362,11 @@ def train(model, params, *, sample_batch, evaluate, paths, identity, unique_toke
                 _log_row(live, row)
                 progress.set_postfix(loss=f"{row['train/loss']:.3f}", tok_s=f"{row['train/tokens_per_second']:.0f}")
                 if not interactive:
-                    print(f"{desc}: step {done}/{params.steps}, loss {row['train/loss']:.3f}, "
-                          f"{row['train/tokens_per_second']:.0f} tokens/s", flush=True)
+                    print(
+                        f"{desc}: step {done}/{params.steps}, loss {row['train/loss']:.3f}, "
+                        f"{row['train/tokens_per_second']:.0f} tokens/s",
+                        flush=True,
+                    )
             window_loss.zero_()
             window_tokens, window_steps, window_start = 0, 0, time.perf_counter()
         if runtime.is_main and checkpointing:
@@ -365,8 +385,11 @@ def _log_window(runtime, done, window_loss, window_steps, window_tokens, window_
     if runtime.world_size > 1:
         dist.all_reduce(window_loss)
     elapsed = time.perf_counter() - window_start
-    row = {"step": done, "train/loss": float(window_loss) / window_steps,
-           "train/tokens_per_second": window_tokens / elapsed}
+    row = {
+        "step": done,
+        "train/loss": float(window_loss) / window_steps,
+        "train/tokens_per_second": window_tokens / elapsed,
+    }
     if peak_flops:
         row["train/mfu"] = window_tokens / elapsed * flops_per_token / (peak_flops * runtime.world_size)
     return row
@@ -397,7 +420,7 @@ def _log_row(live, row):
 def checkpoint_identity(model_config, params, seed, data):
     """What a checkpoint must match to be resumed: model shape, training params, seed, data.
 
-    checkpoint_every is left out: it changes when progress is saved, not what is trained.
+    The checkpoint frequency is not among the training params (it changes when progress is saved, not what is
+    trained), so a run resumes after it changes.
     """
-    train = {k: v for k, v in asdict(params).items() if k != "checkpoint_every"}
-    return {"model": model_config.to_dict(), "train": train, "seed": seed, "data": data}
+    return {"model": model_config.model_dump(), "train": params.model_dump(), "seed": seed, "data": data}

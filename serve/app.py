@@ -31,14 +31,40 @@ from starlette.exceptions import HTTPException
 
 from model.export import load_export
 from model.generate import Sampling
-from model.tokenizer import Tokenizer, check_same_vocabulary
+from model.token_arrays import check_same_vocabulary
+from model.tokenizer import Tokenizer
 from serve.engine import DEFAULT_PRECISION, Engine
-from serve.schema import (REQUEST_FIELD_NAMES, STREAM_CHUNKS, ChatChoice, ChatChunkChoice, ChatCompletion,
-                          ChatCompletionChunk, ChatDelta, ChatLogprobs, ChatRequest, Completion, CompletionChoice,
-                          CompletionChunk, CompletionChunkChoice, CompletionLogprobs, CompletionRequest,
-                          DetokenizeReply, DetokenizeRequest, ErrorReply, Health, ModelList, ReplyMessage,
-                          TokenizeReply, TokenizeRequest, TokenizerInfo, TokenLogprob, TopLogprob, UnsupportedField,
-                          Usage, event_stream)
+from serve.schema import (
+    REQUEST_FIELD_NAMES,
+    STREAM_CHUNKS,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprobs,
+    ChatRequest,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    DetokenizeReply,
+    DetokenizeRequest,
+    ErrorReply,
+    Health,
+    ModelList,
+    ReplyMessage,
+    TokenizeReply,
+    TokenizeRequest,
+    TokenizerInfo,
+    TokenLogprob,
+    TopLogprob,
+    UnsupportedField,
+    Usage,
+    event_stream,
+)
 
 log = logging.getLogger("serve")
 STATIC = Path(__file__).parent / "static"
@@ -88,17 +114,19 @@ class HostedModel:
         model, self.listing = load_export(folder)
         self.name = name
         self.tokenizer = Tokenizer(folder / "tokenizer.model")
-        check_same_vocabulary(self.tokenizer, folder / "tokenizer.model", model.config, folder)
+        check_same_vocabulary(self.tokenizer.vocab_size, folder / "tokenizer.model", model.config, folder)
         # The export holds no timestamp (a rerun writes the same bytes): the weights' file time is when it was
         # written (or checked out) here.
         self.created = int((folder / "model.safetensors").stat().st_mtime)
         generation_config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
-        self.sampling = {name: generation_config[name] for name in ("temperature", "top_p", "top_k")
-                         if name in generation_config}
+        self.sampling = {
+            name: generation_config[name] for name in ("temperature", "top_p", "top_k") if name in generation_config
+        }
         self.tokenizer_digest = hashlib.sha256((folder / "tokenizer.model").read_bytes()).hexdigest()
         tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
         self.tokenizer_info = TokenizerInfo.model_validate(
-            {name: tokenizer_config.get(name) for name in TokenizerInfo.model_fields})
+            {name: tokenizer_config.get(name) for name in TokenizerInfo.model_fields}
+        )
         # The tokenizer keeps text as it is (identity normalization), so no token covers more characters than
         # the longest piece: a text longer than limit * this is over the limit before it is tokenized.
         self.max_piece_chars = max(len(self.tokenizer.sp.id_to_piece(i)) for i in range(self.tokenizer.vocab_size))
@@ -108,8 +136,15 @@ class HostedModel:
         self.engine = Engine(model, self.tokenizer, max_batch, precision)
 
     def card(self):
-        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "dvc-gpt-pipeline",
-                "context_length": self.context_length, "sampling": self.sampling, **self.listing}
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "dvc-gpt-pipeline",
+            "context_length": self.context_length,
+            "sampling": self.sampling,
+            **self.listing,
+        }
 
     def text_bytes(self, token):
         """The UTF-8 bytes `token` adds to a decoded text: a control token (<|endoftext|>) adds none, a byte
@@ -179,9 +214,13 @@ CLOSE = (b"connection", b"close")
 
 async def _send_error(send, status, message, code=None):
     body = json.dumps(error_body(message, code=code)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            CLOSE]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), CLOSE],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -209,13 +248,18 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         if not self._host_allowed(headers):
-            return await _send_error(send, 400, "this server does not answer to that Host header; start it with "
-                                                "--allowed-host NAME to add one", "invalid_host")
+            return await _send_error(
+                send,
+                400,
+                "this server does not answer to that Host header; start it with --allowed-host NAME to add one",
+                "invalid_host",
+            )
         if b"transfer-encoding" in headers and b"content-length" in headers:
             # RFC 9112 6.3: such a message may be refused, and must be, where a proxy in front could read its
             # length the other way (request smuggling).
-            return await _send_error(send, 400, "the request has both Transfer-Encoding and Content-Length; send "
-                                                "one of them", "invalid_http")
+            return await _send_error(
+                send, 400, "the request has both Transfer-Encoding and Content-Length; send one of them", "invalid_http"
+            )
         declared = headers.get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await _send_error(send, 413, f"the request body is over the limit of {self.max_bytes} bytes")
@@ -261,14 +305,15 @@ class JSONCORSMiddleware(CORSMiddleware):
 # --- authentication and errors --------------------------------------------------------------------
 
 
-def require_api_key(request: Request,
-                    credentials: HTTPAuthorizationCredentials | None = Depends(HTTPBearer(auto_error=False))):
+def require_api_key(
+    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(HTTPBearer(auto_error=False))
+):
     api_key = request.app.state.settings.api_key
     # compare_digest takes the same time wherever the first wrong byte is, so timing reveals nothing of the key.
-    if api_key and (credentials is None or not hmac.compare_digest(credentials.credentials.encode(),
-                                                                   api_key.encode())):
-        raise APIError(401, "this server needs an API key: send the header `Authorization: Bearer <key>`",
-                       code="invalid_api_key")
+    if api_key and (credentials is None or not hmac.compare_digest(credentials.credentials.encode(), api_key.encode())):
+        raise APIError(
+            401, "this server needs an API key: send the header `Authorization: Bearer <key>`", code="invalid_api_key"
+        )
 
 
 async def api_error(request, error):
@@ -305,8 +350,9 @@ async def unexpected_error(request, error):
 def _hosted_model(request, name, chat=False):
     models = request.app.state.models
     if name not in models:
-        raise APIError(404, f"model '{name}' does not exist; available: {', '.join(models)}", "model",
-                       "model_not_found")
+        raise APIError(
+            404, f"model '{name}' does not exist; available: {', '.join(models)}", "model", "model_not_found"
+        )
     hosted = models[name]
     if chat and not hosted.chat:
         raise APIError(400, f"model '{hosted.name}' is a base model; use /v1/completions or a chat model", "model")
@@ -323,8 +369,12 @@ async def _prompt_ids(hosted, settings, encode, text, chars, field):
     refused untokenized."""
     limit = _prompt_limit(hosted, settings)
     if chars > limit * hosted.max_piece_chars:
-        raise APIError(400, f"the prompt is over {limit} tokens; model '{hosted.name}' takes at most {limit}", field,
-                       "context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt is over {limit} tokens; model '{hosted.name}' takes at most {limit}",
+            field,
+            "context_length_exceeded",
+        )
     ids = await asyncio.to_thread(encode, text)
     _check_prompt_length(hosted, settings, ids, field)
     return ids
@@ -333,24 +383,39 @@ async def _prompt_ids(hosted, settings, encode, text, chars, field):
 def _check_prompt_length(hosted, settings, ids, field):
     limit = _prompt_limit(hosted, settings)
     if len(ids) > limit:
-        raise APIError(400, f"the prompt is {len(ids)} tokens; model '{hosted.name}' takes at most {limit}", field,
-                       "context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt is {len(ids)} tokens; model '{hosted.name}' takes at most {limit}",
+            field,
+            "context_length_exceeded",
+        )
 
 
 def _max_tokens(body, hosted, prompt_ids, default):
     room = hosted.context_length - len(prompt_ids)
     max_tokens = body.max_tokens if body.max_tokens is not None else min(default, room)
     if max_tokens > room:
-        raise APIError(400, f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                            f"context of {hosted.context_length} tokens", "max_tokens", "context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+            f"context of {hosted.context_length} tokens",
+            "max_tokens",
+            "context_length_exceeded",
+        )
     return max_tokens
 
 
 def _sampling(body, max_tokens, stop_ids):
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
-    return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                    min_tokens=body.min_tokens, stop_ids=tuple(stop_ids))
+    return Sampling(
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        min_tokens=body.min_tokens,
+        stop_ids=tuple(stop_ids),
+    )
 
 
 @dataclass
@@ -367,17 +432,35 @@ async def respond(request, hosted, body, jobs, chat, logprobs):
     """Submits n generations per job and answers in one JSON body or as server-sent events."""
     settings = request.app.state.settings
     if not hosted.engine.alive:  # it died of an error: better a 503 than a reply that never comes
-        raise APIError(503, f"model '{hosted.name}' is down (see the server log)", code="model_down",
-                       kind="server_error")
+        raise APIError(
+            503, f"model '{hosted.name}' is down (see the server log)", code="model_down", kind="server_error"
+        )
     generations = len(jobs) * body.n
     if hosted.engine.pending() + generations > settings.max_queue:
-        raise APIError(429, f"model '{hosted.name}' has its queue full ({settings.max_queue} generations); retry "
-                            f"later", code="queue_full", kind="rate_limit_error")
+        raise APIError(
+            429,
+            f"model '{hosted.name}' has its queue full ({settings.max_queue} generations); retry later",
+            code="queue_full",
+            kind="rate_limit_error",
+        )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    runs = [(job, hosted.engine.submit(job.prompt_ids, job.sampling, body.seed, choice, stop,
-                                       settings.max_generation_seconds, logprobs, bool(job.echo_ids) and
-                                       logprobs is not None))
-            for job in jobs for choice in range(body.n)]
+    runs = [
+        (
+            job,
+            hosted.engine.submit(
+                job.prompt_ids,
+                job.sampling,
+                body.seed,
+                choice,
+                stop,
+                settings.max_generation_seconds,
+                logprobs,
+                bool(job.echo_ids) and logprobs is not None,
+            ),
+        )
+        for job in jobs
+        for choice in range(body.n)
+    ]
     reply = Reply(hosted, chat, runs, include_usage=bool(body.stream_options and body.stream_options.include_usage))
     if body.stream:
         return GenerationStream([run for _, run in runs], reply.events())
@@ -423,8 +506,11 @@ class Reply:
         self.offsets = [TextOffsets(hosted) for _ in runs]  # each choice's, across its stream's chunks
 
     def _usage(self, completion_tokens):
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=self.prompt_tokens + completion_tokens)
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=self.prompt_tokens + completion_tokens,
+        )
 
     def _legacy_logprobs(self, entries, offsets):
         """CompletionLogprobs of (token, TokenLogprob or None) pairs; `offsets` is the choice's TextOffsets."""
@@ -432,18 +518,26 @@ class Reply:
             tokens=[self.hosted.token_text(token)[0] for token, _ in entries],
             text_offset=[offsets.next(token) for token, _ in entries],
             token_logprobs=[None if entry is None else entry.logprob for _, entry in entries],
-            top_logprobs=[None if entry is None else {self.hosted.token_text(t)[0]: lp for t, lp in entry.top}
-                          for _, entry in entries])
+            top_logprobs=[
+                None if entry is None else {self.hosted.token_text(t)[0]: lp for t, lp in entry.top}
+                for _, entry in entries
+            ],
+        )
 
     def _chat_logprobs(self, entries):
         def top(token, logprob):
             text, raw = self.hosted.token_text(token)
             return TopLogprob(token=text, logprob=logprob, bytes=raw)
 
-        return ChatLogprobs(content=[
-            TokenLogprob(**top(entry.token, entry.logprob).model_dump(),
-                         top_logprobs=[top(token, logprob) for token, logprob in entry.top])
-            for entry in entries])
+        return ChatLogprobs(
+            content=[
+                TokenLogprob(
+                    **top(entry.token, entry.logprob).model_dump(),
+                    top_logprobs=[top(token, logprob) for token, logprob in entry.top],
+                )
+                for entry in entries
+            ]
+        )
 
     def _echo_entries(self, job, run):
         """The prompt's (token, TokenLogprob) pairs, the first without one."""
@@ -462,35 +556,57 @@ class Reply:
                 raise APIError(500, GENERATION_FAILED, code="generation_failed", kind="server_error")
             completion_tokens += event.completion_tokens
             if self.chat:
-                choices.append(ChatChoice(index=index, message=ReplyMessage(role="assistant", content=text),
-                                          logprobs=self._chat_logprobs(logprobs) if run.logprobs is not None
-                                          else None, finish_reason=event.finish_reason))
+                choices.append(
+                    ChatChoice(
+                        index=index,
+                        message=ReplyMessage(role="assistant", content=text),
+                        logprobs=self._chat_logprobs(logprobs) if run.logprobs is not None else None,
+                        finish_reason=event.finish_reason,
+                    )
+                )
             else:
                 legacy = None
                 if run.logprobs is not None:
                     entries = (self._echo_entries(job, run) if job.echo_ids else []) + [
-                        (entry.token, entry) for entry in logprobs]
+                        (entry.token, entry) for entry in logprobs
+                    ]
                     legacy = self._legacy_logprobs(entries, self.offsets[index])
-                choices.append(CompletionChoice(index=index, text=job.echo_text + text, logprobs=legacy,
-                                                finish_reason=event.finish_reason))
+                choices.append(
+                    CompletionChoice(
+                        index=index, text=job.echo_text + text, logprobs=legacy, finish_reason=event.finish_reason
+                    )
+                )
         body = (ChatCompletion if self.chat else Completion)(
-            id=self.id, object="chat.completion" if self.chat else "text_completion", created=self.created,
-            model=self.hosted.name, choices=choices, usage=self._usage(completion_tokens))
+            id=self.id,
+            object="chat.completion" if self.chat else "text_completion",
+            created=self.created,
+            model=self.hosted.name,
+            choices=choices,
+            usage=self._usage(completion_tokens),
+        )
         return body.model_dump(exclude_none=self.chat)
 
     def _chunk(self, choices, usage=None):
-        kind, chunk = (("chat.completion.chunk", ChatCompletionChunk) if self.chat
-                       else ("text_completion", CompletionChunk))
-        body = chunk(id=self.id, object=kind, created=self.created, model=self.hosted.name, choices=choices,
-                     **({} if usage is None else {"usage": usage}))
+        kind, chunk = (
+            ("chat.completion.chunk", ChatCompletionChunk) if self.chat else ("text_completion", CompletionChunk)
+        )
+        body = chunk(
+            id=self.id,
+            object=kind,
+            created=self.created,
+            model=self.hosted.name,
+            choices=choices,
+            **({} if usage is None else {"usage": usage}),
+        )
         # A chat chunk holds what was set: the role once, content when there is some, logprobs when asked for,
         # and always finish_reason (null until the last), as OpenAI's do; a completion chunk holds every field.
         return f"data: {body.model_dump_json(exclude_unset=self.chat)}\n\n"
 
     def _chunk_choice(self, index, job, run, event, first):
         if self.chat:
-            delta = ChatDelta(**({"role": "assistant"} if first else {}),
-                              **({"content": event.text} if first or event.text else {}))
+            delta = ChatDelta(
+                **({"role": "assistant"} if first else {}), **({"content": event.text} if first or event.text else {})
+            )
             logprobs = {"logprobs": self._chat_logprobs(event.logprobs)} if run.logprobs is not None else {}
             return ChatChunkChoice(index=index, delta=delta, finish_reason=event.finish_reason, **logprobs)
         text, entries = event.text, [(entry.token, entry) for entry in event.logprobs]
@@ -621,14 +737,23 @@ async def tokenize(body: TokenizeRequest, request: Request):
 async def detokenize(body: DetokenizeRequest, request: Request):
     hosted = _tokenizer_model(request, body.model)
     if body.tokens and max(body.tokens) >= hosted.vocab_size:
-        raise APIError(400, f"token id {max(body.tokens)} is not in model '{hosted.name}''s vocabulary of "
-                            f"{hosted.vocab_size}", "tokens")
+        raise APIError(
+            400,
+            f"token id {max(body.tokens)} is not in model '{hosted.name}''s vocabulary of {hosted.vocab_size}",
+            "tokens",
+        )
     return DetokenizeReply(prompt=await asyncio.to_thread(hosted.tokenizer.decode, body.tokens))
 
 
-@v1.post("/completions", response_model=Completion, response_model_exclude_none=False, responses={
-    200: {"content": event_stream(CompletionChunk), "description": "with `stream`, server-sent events"},
-    **GENERATION_ERRORS})
+@v1.post(
+    "/completions",
+    response_model=Completion,
+    response_model_exclude_none=False,
+    responses={
+        200: {"content": event_stream(CompletionChunk), "description": "with `stream`, server-sent events"},
+        **GENERATION_ERRORS,
+    },
+)
 async def completions(body: CompletionRequest, request: Request):
     hosted = _hosted_model(request, body.model)
     settings = request.app.state.settings
@@ -646,8 +771,11 @@ async def completions(body: CompletionRequest, request: Request):
         else:
             ids = list(prompt)
             if max(ids) >= hosted.vocab_size:
-                raise APIError(400, f"token id {max(ids)} is not in model '{hosted.name}''s vocabulary of "
-                                    f"{hosted.vocab_size}", field)
+                raise APIError(
+                    400,
+                    f"token id {max(ids)} is not in model '{hosted.name}''s vocabulary of {hosted.vocab_size}",
+                    field,
+                )
             _check_prompt_length(hosted, settings, ids, field)
         sampling = _sampling(body, _max_tokens(body, hosted, ids, 16), hosted.tokenizer.document_end_ids)
         echo_text = hosted.tokenizer.decode(ids) if body.echo else ""
@@ -655,9 +783,15 @@ async def completions(body: CompletionRequest, request: Request):
     return await respond(request, hosted, body, jobs, False, body.logprobs)
 
 
-@v1.post("/chat/completions", response_model=ChatCompletion, response_model_exclude_none=True, responses={
-    200: {"content": event_stream(ChatCompletionChunk), "description": "with `stream`, server-sent events"},
-    **GENERATION_ERRORS})
+@v1.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    response_model_exclude_none=True,
+    responses={
+        200: {"content": event_stream(ChatCompletionChunk), "description": "with `stream`, server-sent events"},
+        **GENERATION_ERRORS,
+    },
+)
 async def chat_completions(body: ChatRequest, request: Request):
     hosted = _hosted_model(request, body.model, chat=True)
     if body.top_logprobs is not None and not body.logprobs:
@@ -666,19 +800,27 @@ async def chat_completions(body: ChatRequest, request: Request):
         if message.role == "system":
             # The training format has no system role; dropping it would answer a conversation the client did
             # not send.
-            raise APIError(400, "this model was trained without system messages; send the instruction in the "
-                                "first user message", f"messages.{i}.role")
+            raise APIError(
+                400,
+                "this model was trained without system messages; send the instruction in the first user message",
+                f"messages.{i}.role",
+            )
         expected = "user" if i % 2 == 0 else "assistant"
         if message.role != expected:
-            raise APIError(400, f"messages must alternate user / assistant starting with user and end with a user "
-                                f"message; message {i} is '{message.role}'", "messages")
+            raise APIError(
+                400,
+                f"messages must alternate user / assistant starting with user and end with a user "
+                f"message; message {i} is '{message.role}'",
+                "messages",
+            )
     if body.messages[-1].role != "user":
         raise APIError(400, "the last message must be from the user", "messages")
     if body.max_tokens == 0:
         raise APIError(400, "max_tokens 0 generates nothing", "max_tokens")
     texts = [message.content for message in body.messages]
-    ids = await _prompt_ids(hosted, request.app.state.settings, hosted.tokenizer.chat_prompt, texts,
-                            sum(map(len, texts)), "messages")
+    ids = await _prompt_ids(
+        hosted, request.app.state.settings, hosted.tokenizer.chat_prompt, texts, sum(map(len, texts)), "messages"
+    )
     sampling = _sampling(body, _max_tokens(body, hosted, ids, hosted.context_length), hosted.tokenizer.reply_end_ids)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return await respond(request, hosted, body, [Job(ids, sampling)], True, logprobs)
@@ -687,9 +829,19 @@ async def chat_completions(body: ChatRequest, request: Request):
 # --- the app --------------------------------------------------------------------------------------
 
 
-def create_app(models_dir, max_batch=16, max_body_bytes=MAX_BODY_BYTES, precision=DEFAULT_PRECISION, api_key=None,
-               cors_origins=(), max_prompt_tokens=None, max_generation_seconds=MAX_GENERATION_SECONDS,
-               max_queue=MAX_QUEUE, allowed_hosts=LOOPBACK_HOSTS, body_seconds=BODY_SECONDS):
+def create_app(
+    models_dir,
+    max_batch=16,
+    max_body_bytes=MAX_BODY_BYTES,
+    precision=DEFAULT_PRECISION,
+    api_key=None,
+    cors_origins=(),
+    max_prompt_tokens=None,
+    max_generation_seconds=MAX_GENERATION_SECONDS,
+    max_queue=MAX_QUEUE,
+    allowed_hosts=LOOPBACK_HOSTS,
+    body_seconds=BODY_SECONDS,
+):
     """`precision`: int8 (int8 linear weights, faster on CPUs) or fp32 (exactly the exported weights).
     `api_key`: when given, required as `Authorization: Bearer <key>` on /v1 and the API docs. `cors_origins`:
     origins whose pages may call the API (none by default). `max_prompt_tokens`: None is each model's context.
@@ -701,8 +853,12 @@ def create_app(models_dir, max_batch=16, max_body_bytes=MAX_BODY_BYTES, precisio
     app.add_middleware(RequestGuard, max_bytes=max_body_bytes, body_seconds=body_seconds, allowed_hosts=allowed_hosts)
     if cors_origins:
         # Added last, so outermost: refusals (401, 413) carry the CORS headers too and the page can read them.
-        app.add_middleware(JSONCORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+        app.add_middleware(
+            JSONCORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(HTTPException, http_error)

@@ -59,8 +59,10 @@ def token_logprobs(logits, tokens, count):
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
     top_values, top_ids = torch.topk(logprobs, count, dim=-1) if count else (logprobs[:, :0], logprobs[:, :0])
-    return [TokenLogprob(token, logprob, tuple(zip(ids, values)))
-            for token, logprob, ids, values in zip(tokens, chosen, top_ids.tolist(), top_values.tolist())]
+    return [
+        TokenLogprob(token, logprob, tuple(zip(ids, values)))
+        for token, logprob, ids, values in zip(tokens, chosen, top_ids.tolist(), top_values.tolist())
+    ]
 
 
 @dataclass
@@ -147,16 +149,24 @@ class Engine:
         """Generations holding a batch slot (prefilling or decoding)."""
         return len(self._prefilling) + len(self._decoding)
 
-    def submit(self, prompt_ids, sampling, seed=None, choice=0, stop=(), max_seconds=None, logprobs=None,
-               prompt_logprobs=False):
+    def submit(
+        self, prompt_ids, sampling, seed=None, choice=0, stop=(), max_seconds=None, logprobs=None, prompt_logprobs=False
+    ):
         """Queues a generation; read its Events from `request.events` (on the calling event loop).
 
         `logprobs`: None, or how many alternatives each token's TokenLogprob lists (0: the token only);
         `prompt_logprobs`: the prompt's tokens get theirs too (in `request.prompt_token_logprobs`).
         """
-        request = Request(list(prompt_ids), sampling, random_stream(seed, choice), loop=asyncio.get_running_loop(),
-                          stop=tuple(stop), max_seconds=max_seconds, logprobs=logprobs,
-                          prompt_logprobs=prompt_logprobs)
+        request = Request(
+            list(prompt_ids),
+            sampling,
+            random_stream(seed, choice),
+            loop=asyncio.get_running_loop(),
+            stop=tuple(stop),
+            max_seconds=max_seconds,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
         with self._wakeup:
             self._waiting.append(request)
             self._wakeup.notify()
@@ -214,13 +224,18 @@ class Engine:
         start = request.prefilled
         chunk = request.prompt_ids[start : start + PREFILL_CHUNK]
         try:
-            logits, _ = self.model(torch.tensor([chunk]), cache=self.cache, rows=torch.tensor([request.row]),
-                                   positions=torch.arange(start, start + len(chunk))[None])
+            logits, _ = self.model(
+                torch.tensor([chunk]),
+                cache=self.cache,
+                rows=torch.tensor([request.row]),
+                positions=torch.arange(start, start + len(chunk))[None],
+            )
             request.prefilled += len(chunk)
             if request.prompt_logprobs:
                 following = request.prompt_ids[start + 1 : start + 1 + len(chunk)]  # what each position predicts
-                request.prompt_token_logprobs += token_logprobs(logits[0, : len(following)], following,
-                                                                request.logprobs or 0)
+                request.prompt_token_logprobs += token_logprobs(
+                    logits[0, : len(following)], following, request.logprobs or 0
+                )
         except Exception:
             log.exception("prefilling a prompt failed; ending its request")
             self._fail(request)
@@ -239,8 +254,11 @@ class Engine:
     @staticmethod
     def _step_inputs(requests):
         """The decoder's arguments for one step of `requests`: last tokens, cache rows, their positions."""
-        return ([request.new_ids[-1] for request in requests], [request.row for request in requests],
-                [len(request.prompt_ids) + len(request.new_ids) - 1 for request in requests])
+        return (
+            [request.new_ids[-1] for request in requests],
+            [request.row for request in requests],
+            [len(request.prompt_ids) + len(request.new_ids) - 1 for request in requests],
+        )
 
     def _decode_step(self):
         requests = self._unfinished()

@@ -26,8 +26,11 @@ def uvicorn_settings(header_seconds=HEADER_SECONDS, write_seconds=WRITE_SECONDS,
     """uvicorn.run's (and uvicorn.Config's) protocol and limits for the command's settings."""
     # uvicorn refuses a request once as many connections as its limit are open, counting the request's own:
     # one more serves exactly `max_connections`.
-    return {"http": deadline_protocol(header_seconds, write_seconds), "timeout_keep_alive": header_seconds,
-            "limit_concurrency": max_connections + 1}
+    return {
+        "http": deadline_protocol(header_seconds, write_seconds),
+        "timeout_keep_alive": header_seconds,
+        "limit_concurrency": max_connections + 1,
+    }
 
 
 def deadline_protocol(header_seconds, write_seconds):
@@ -69,16 +72,21 @@ def deadline_protocol(header_seconds, write_seconds):
                 self._write_deadline = None
 
         def _abort_stalled_write(self):
-            log.warning("closing a connection from %s:%s: its client read nothing for %g s", *self.client[:2],
-                        write_seconds)
+            log.warning(
+                "closing a connection from %s:%s: its client read nothing for %g s", *self.client[:2], write_seconds
+            )
             self.transport.abort()  # close() would wait to send what is buffered, to a client that takes nothing
 
         def send_400_response(self, msg):
-            body = json.dumps({"error": {"message": msg, "type": "invalid_request_error", "param": None,
-                                         "code": "invalid_http"}}).encode()
+            body = json.dumps(
+                {"error": {"message": msg, "type": "invalid_request_error", "param": None, "code": "invalid_http"}}
+            ).encode()
             headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
-                          h11.EndOfMessage()):
+            for event in (
+                h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            ):
                 self.transport.write(self.conn.send(event))
             self.transport.close()
 

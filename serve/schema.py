@@ -7,8 +7,17 @@ Types are strict ("1" is not a number) and unknown fields are ignored, as OpenAI
 import json
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StringConstraints,
-                      Tag, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    model_validator,
+)
 
 MAX_TOKENS = 4096  # bound of max_tokens and min_tokens; each model's context bounds them further
 MAX_PROMPTS = 16  # prompts in one completion request (each runs n times)
@@ -149,16 +158,27 @@ class CompletionRequest(GenerationFields):
         Annotated[_text(min_length=1), Tag("text")]
         | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS), _at_most(MAX_PROMPTS), Tag("texts")]
         | Annotated[TokenIds, Tag("token_ids")]
-        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS), _at_most(MAX_PROMPTS),
-                    Tag("token_id_lists")],
-        Discriminator(_prompt_shape, custom_error_type="prompt_type",
-                      custom_error_message=f"should be {PROMPT_SHAPES}")] = Field(
-        ..., description="text, texts, token ids (taken as they are: no <|endoftext|> is put before them), or "
-                         "lists of token ids")
+        | Annotated[
+            list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS), _at_most(MAX_PROMPTS), Tag("token_id_lists")
+        ],
+        Discriminator(
+            _prompt_shape, custom_error_type="prompt_type", custom_error_message=f"should be {PROMPT_SHAPES}"
+        ),
+    ] = Field(
+        ...,
+        description="text, texts, token ids (taken as they are: no <|endoftext|> is put before them), or "
+        "lists of token ids",
+    )
     echo: bool = Field(False, description="the reply text (and logprobs) start with the prompt")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
-        "log-probabilities of the chosen tokens and of this many most likely alternatives, under the model's "
-        "own distribution (before temperature, top-k and top-p)"))
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description=(
+            "log-probabilities of the chosen tokens and of this many most likely alternatives, under the model's "
+            "own distribution (before temperature, top-k and top-p)"
+        ),
+    )
 
 
 class Message(RequestBody):
@@ -170,15 +190,20 @@ class ChatRequest(GenerationFields):
     # Completions' `echo` repeats the prompt; a chat reply is the assistant's message alone.
     neutral_values: ClassVar[dict] = {**NEUTRAL_VALUES, "echo": (None, False)}
     messages: list[Message] = Field(..., min_length=1, max_length=MAX_MESSAGES)
-    logprobs: bool = Field(False, description="log-probabilities of the reply's tokens, under the model's own "
-                                              "distribution (before temperature, top-k and top-p)")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
-                                     description="this many most likely alternatives per token; needs `logprobs`")
+    logprobs: bool = Field(
+        False,
+        description="log-probabilities of the reply's tokens, under the model's own "
+        "distribution (before temperature, top-k and top-p)",
+    )
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="this many most likely alternatives per token; needs `logprobs`"
+    )
 
 
 class TokenizerFields(RequestBody):
     model: _text(max_length=MAX_MODEL_NAME_CHARS) | None = Field(
-        None, description="a hosted model; may be left out when every hosted model has the same tokenizer")
+        None, description="a hosted model; may be left out when every hosted model has the same tokenizer"
+    )
 
 
 class TokenizeRequest(TokenizerFields):
@@ -215,9 +240,15 @@ class TokenizerInfo(BaseModel):
     chat_template: str | None = Field(None, description="the chat model's (Jinja), when a chat model is named")
 
 
-REQUEST_FIELD_NAMES = (set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)
-                       | set(TokenizeRequest.model_fields) | set(DetokenizeRequest.model_fields)
-                       | set(Message.model_fields) | set(NEUTRAL_VALUES) | set(StreamOptions.model_fields))
+REQUEST_FIELD_NAMES = (
+    set(CompletionRequest.model_fields)
+    | set(ChatRequest.model_fields)
+    | set(TokenizeRequest.model_fields)
+    | set(DetokenizeRequest.model_fields)
+    | set(Message.model_fields)
+    | set(NEUTRAL_VALUES)
+    | set(StreamOptions.model_fields)
+)
 
 
 class ErrorDetail(BaseModel):
@@ -369,7 +400,9 @@ STREAM_CHUNKS = (CompletionChunk, ChatCompletionChunk)
 
 def event_stream(chunk):
     """OpenAPI content of a stream of server-sent events: `chunk`s as JSON, then `data: [DONE]`."""
-    chunk_json = {"contentMediaType": "application/json",
-                  "contentSchema": {"$ref": f"#/components/schemas/{chunk.__name__}"}}
+    chunk_json = {
+        "contentMediaType": "application/json",
+        "contentSchema": {"$ref": f"#/components/schemas/{chunk.__name__}"},
+    }
     data = {"type": "string", "if": {"const": "[DONE]"}, "else": chunk_json}
     return {"text/event-stream": {"itemSchema": {"type": "object", "properties": {"data": data}, "required": ["data"]}}}

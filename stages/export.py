@@ -6,11 +6,11 @@ usage: python -m stages.export PRETRAINED_DIR FINETUNED_DIR TOKENIZER_MODEL TOKE
 import json
 from pathlib import Path
 
-from model.encoding import load_meta
 from model.errors import run_stage
 from model.export import export_model
 from model.gpt import load_model
 from model.params import load_params
+from model.token_arrays import load_meta
 
 # Served name -> (training stage, chat model?)
 EXPORTS = {"base": ("pretrain", False), "chat": ("finetune", True)}

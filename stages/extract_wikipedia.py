@@ -3,7 +3,6 @@
 usage: python -m stages.extract_wikipedia OUT_JSONL MANIFEST_JSON
 """
 
-
 from model.corpus import clean_wikipedia, extract_to_jsonl
 from model.errors import run_stage
 from model.files import write_json

@@ -24,8 +24,9 @@ def main(models_dir, out_dir):
             for outtype in OUTTYPES:
                 gguf_name = f"{name}-{outtype}.gguf"
                 convert(Path(models_dir) / name, tmp / gguf_name, outtype)
-                (tmp / f"{name}-{outtype}.Modelfile").write_text(modelfile(Path(models_dir) / name, gguf_name),
-                                                                  encoding="utf-8")
+                (tmp / f"{name}-{outtype}.Modelfile").write_text(
+                    modelfile(Path(models_dir) / name, gguf_name), encoding="utf-8"
+                )
 
 
 if __name__ == "__main__":

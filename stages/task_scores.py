@@ -23,9 +23,15 @@ def main(models_dir, metrics_path, plots_dir):
     for name in MODELS:
         check_export(Path(models_dir) / name)
     suite = load_suite(settings.tasks)
-    scores = {name: score_model(load_scorer(Path(models_dir) / name, settings.batch_size, settings.device), suite,
-                                settings.limit, params.seed)
-              for name in MODELS}
+    scores = {
+        name: score_model(
+            load_scorer(Path(models_dir) / name, settings.batch_size, settings.device),
+            suite,
+            settings.limit,
+            params.seed,
+        )
+        for name in MODELS
+    }
     with atomic_output(Path(plots_dir)) as tmp:
         tmp.mkdir()
         for name in MODELS:

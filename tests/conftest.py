@@ -17,9 +17,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from model.corpus import clean_c4, clean_wikipedia, extract_documents
-from model.dialog import SPLITS, read_split_zip
-from model.tokenizer import bpe_lines, train_bpe
+from model.corpus import clean_c4, clean_wikipedia, extract_documents  # noqa: E402 (after the path is set)
+from model.dialog import SPLITS, read_split_zip  # noqa: E402
+from model.tokenizer import bpe_lines, train_bpe  # noqa: E402
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 TEST_VOCAB_SIZE = 1024

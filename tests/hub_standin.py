@@ -54,8 +54,11 @@ class Fault:
     hits: int = 0
 
     def applies(self, method, path):
-        return (method in self.methods and re.search(self.path, path) is not None
-                and (self.times is None or self.hits < self.times))
+        return (
+            method in self.methods
+            and re.search(self.path, path) is not None
+            and (self.times is None or self.hits < self.times)
+        )
 
 
 @dataclass
@@ -97,8 +100,7 @@ class HubStandin:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self):
         self._thread.start()
@@ -123,9 +125,14 @@ class HubStandin:
     def environ(self, tmp_path):
         """Environment for a subprocess that must talk to this stand-in only, with its caches in tmp_path."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
-        env.update(HF_ENDPOINT=self.url, HF_HOME=str(Path(tmp_path) / "hf-home"),
-                   HF_DATASETS_CACHE=str(Path(tmp_path) / "hf-datasets-cache"), HF_HUB_DISABLE_TELEMETRY="1",
-                   NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+        env.update(
+            HF_ENDPOINT=self.url,
+            HF_HOME=str(Path(tmp_path) / "hf-home"),
+            HF_DATASETS_CACHE=str(Path(tmp_path) / "hf-datasets-cache"),
+            HF_HUB_DISABLE_TELEMETRY="1",
+            NO_PROXY="127.0.0.1,localhost",
+            no_proxy="127.0.0.1,localhost",
+        )
         return env
 
     # --- request handling ---------------------------------------------------------------------------
@@ -240,20 +247,32 @@ def _handler(hub):
         def _dataset_info(self, method, repo_id, revision):
             repo = self._repo(method, repo_id, revision)
             if repo:
-                self._json(200, {
-                    "_id": repo.sha[:24], "id": repo_id, "author": repo_id.split("/")[0], "sha": repo.sha,
-                    "lastModified": "2024-01-01T00:00:00.000Z", "private": False, "gated": False,
-                    "disabled": False, "downloads": 0, "likes": 0, "tags": [], "cardData": {},
-                    "siblings": [{"rfilename": name} for name in repo.files],
-                }, method)
+                self._json(
+                    200,
+                    {
+                        "_id": repo.sha[:24],
+                        "id": repo_id,
+                        "author": repo_id.split("/")[0],
+                        "sha": repo.sha,
+                        "lastModified": "2024-01-01T00:00:00.000Z",
+                        "private": False,
+                        "gated": False,
+                        "disabled": False,
+                        "downloads": 0,
+                        "likes": 0,
+                        "tags": [],
+                        "cardData": {},
+                        "siblings": [{"rfilename": name} for name in repo.files],
+                    },
+                    method,
+                )
 
         def _entry(self, repo, name):
             if name in repo.files:
                 size, oid = repo.files[name]
                 return {"type": "file", "oid": oid, "size": size, "path": name}
             if any(f.startswith(name + "/") for f in repo.files) or name == "":
-                return {"type": "directory", "oid": hashlib.sha1(name.encode()).hexdigest(), "size": 0,
-                        "path": name}
+                return {"type": "directory", "oid": hashlib.sha1(name.encode()).hexdigest(), "size": 0, "path": name}
             return None
 
         def _tree(self, method, repo_id, revision, folder, query):
@@ -268,7 +287,7 @@ def _handler(hub):
             for name in repo.files:
                 if not name.startswith(prefix):
                     continue
-                parts = name[len(prefix):].split("/")
+                parts = name[len(prefix) :].split("/")
                 for depth in range(1, len(parts) + 1 if recursive else 2):
                     names.add(prefix + "/".join(parts[:depth]))
             self._json(200, [self._entry(repo, name) for name in sorted(names)], method)
@@ -289,8 +308,9 @@ def _handler(hub):
                 else:  # bytes=-N: the last N bytes
                     start = max(0, size - int(requested[2]))
                 if start > end:
-                    return self._json(416, {"error": "range not satisfiable"}, method,
-                                      [("Content-Range", f"bytes */{size}")])
+                    return self._json(
+                        416, {"error": "range not satisfiable"}, method, [("Content-Range", f"bytes */{size}")]
+                    )
                 status = 206
                 headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
             if method == "HEAD":
@@ -353,14 +373,25 @@ def run_stages(env, cwd, *commands, timeout=120):
     """
     root = str(Path(__file__).resolve().parents[1])
     env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-c", _RUNNER, json.dumps([list(map(str, c)) for c in commands])],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", _RUNNER, json.dumps([list(map(str, c)) for c in commands])],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 if __name__ == "__main__":  # a manual run: python -m tests.hub_standin, then HF_ENDPOINT=... in another shell
     SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
-    with HubStandin({"wikimedia/wikipedia": SAMPLE / "wikipedia", "allenai/c4": SAMPLE / "c4",
-                     "roskoN/dailydialog": SAMPLE / "dailydialog"}) as hub:
+    with HubStandin(
+        {
+            "wikimedia/wikipedia": SAMPLE / "wikipedia",
+            "allenai/c4": SAMPLE / "c4",
+            "roskoN/dailydialog": SAMPLE / "dailydialog",
+        }
+    ) as hub:
         print(hub.url, flush=True)
         try:
             while True:

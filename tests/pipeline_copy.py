@@ -23,8 +23,9 @@ RAN = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
 # Training short enough for a whole `dvc repro` of the sample profile in well under a minute on 2 cores,
 # with checkpoints every 10 steps so that a run can be killed between two of them.
 SHORT_TRAINING = {
-    "pretrain": {"steps": 60, "log_every": 10, "eval_every": 30, "checkpoint_every": 10, "eval_batches": 4},
-    "finetune": {"steps": 30, "log_every": 10, "eval_every": 30, "checkpoint_every": 10, "eval_batches": 4},
+    "pretrain": {"steps": 60, "log_every": 10, "eval_every": 30, "eval_batches": 4},
+    "finetune": {"steps": 30, "log_every": 10, "eval_every": 30, "eval_batches": 4},
+    "checkpoint_every": {"pretrain": 10, "finetune": 10},
     "evaluate": {"eval_batches": 4, "max_new_tokens": 16},
 }
 
@@ -52,9 +53,15 @@ class Workspace:
         self.env.pop("PYTHONPATH", None)
 
     def run(self, *args, merge_stderr=True, timeout=600):
-        result = subprocess.run(args, cwd=self.root, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True,
-                                timeout=timeout)
+        result = subprocess.run(
+            args,
+            cwd=self.root,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+            text=True,
+            timeout=timeout,
+        )
         output = result.stdout + (result.stderr or "")
         assert result.returncode == 0, f"{' '.join(map(str, args))} failed ({result.returncode}):\n{output[-6000:]}"
         return result.stdout
@@ -129,8 +136,12 @@ def git_commit(root, message):
 def copy_repo(root):
     """Copies the repository's tracked and untracked-not-ignored files into `root`."""
     root = Path(root)
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT,
-                            check=True, capture_output=True).stdout.decode("utf-8")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout.decode("utf-8")
     for name in filter(None, listed.split("\0")):
         source = REPO_ROOT / name
         if source.is_file() and not source.is_symlink():

@@ -23,8 +23,9 @@ class RunningServer:
             self.app = create_app(models_dir, **options)
         finally:
             torch.set_num_threads(threads)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                **uvicorn_settings(**(limits or {})))
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=0, log_level="warning", **uvicorn_settings(**(limits or {}))
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

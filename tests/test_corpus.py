@@ -88,8 +88,9 @@ def test_extract_documents_stops_reading_once_the_byte_cap_is_reached():
     texts = [f"Document number {i}. " + "word " * 20 for i in range(10)]
     size = len(normalize_text(texts[0]).encode("utf-8"))
     pulled, stats = [], Counter()
-    kept = list(extract_documents(_records(texts, pulled), normalize_text, max_bytes=2 * size + 1, min_chars=0,
-                                  stats=stats))
+    kept = list(
+        extract_documents(_records(texts, pulled), normalize_text, max_bytes=2 * size + 1, min_chars=0, stats=stats)
+    )
     assert [doc["text"] for doc in kept] == [normalize_text(text) for text in texts[:3]]
     assert len(pulled) == 3, "no record past the one that reached the cap may be read"
     assert stats["documents_read"] == 3
@@ -116,8 +117,14 @@ def test_extract_documents_keeps_everything_below_the_cap():
 
 def test_extract_documents_counts_empty_and_too_short_documents():
     long_text = "A sentence that is comfortably longer than the minimum length."
-    records = [{"text": None}, {"text": " \n\t\u00a0\n"}, {"text": "Too short."}, {"text": long_text},
-               {"text": "\x00\u200b"}, {"text": long_text + " Again."}]
+    records = [
+        {"text": None},
+        {"text": " \n\t\u00a0\n"},
+        {"text": "Too short."},
+        {"text": long_text},
+        {"text": "\x00\u200b"},
+        {"text": long_text + " Again."},
+    ]
     stats = Counter()
     kept = list(extract_documents(records, normalize_text, max_bytes=10**6, min_chars=40, stats=stats))
     assert [doc["text"] for doc in kept] == [long_text, long_text + " Again."]

@@ -41,8 +41,14 @@ def _leftovers(folder):
 
 
 def _c4_rows(n, start=0):
-    return [{"text": f"News item {i}. " + "It happened on a Tuesday, and the council met. " * 6,
-             "timestamp": "2019-04-10T10:00:00Z", "url": f"https://news.example/{i}"} for i in range(start, start + n)]
+    return [
+        {
+            "text": f"News item {i}. " + "It happened on a Tuesday, and the council met. " * 6,
+            "timestamp": "2019-04-10T10:00:00Z",
+            "url": f"https://news.example/{i}",
+        }
+        for i in range(start, start + n)
+    ]
 
 
 # --- parquet (Wikipedia) --------------------------------------------------------------------------
@@ -125,12 +131,19 @@ def test_a_50_mb_document_is_kept_whole_in_bounded_memory_and_time(tmp_path, mak
     params["c4"].update(source=str(tmp_path / "c4"), max_bytes=10_000_000)
     work.mkdir()
     (work / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    script = ("import resource, sys\nfrom stages.extract_c4 import main\nmain('out.jsonl', 'manifest.json')\n"
-              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")  # KiB on Linux
+    script = (
+        "import resource, sys\nfrom stages.extract_c4 import main\nmain('out.jsonl', 'manifest.json')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )  # KiB on Linux
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1",
-                                     HF_HOME=str(tmp_path / "hf")))
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf")),
+    )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
     peak_mb = int(result.stdout.split()[-1]) / 1024
@@ -150,7 +163,8 @@ DIALOGUE = "Hi , how are you ? __eou__ I ' m fine , thanks . __eou__"
 
 
 def test_a_dailydialog_zip_without_its_split_member_is_an_error_naming_zip_and_member(
-        tmp_path, monkeypatch, make_dailydialog):
+    tmp_path, monkeypatch, make_dailydialog
+):
     source = make_dailydialog(tmp_path / "dd", {split: [DIALOGUE] for split in ("train", "validation", "test")})
     with zipfile.ZipFile(source / "validation.zip", "w") as archive:
         archive.writestr("validation/dialogues_act_validation.txt", "1 2\n")  # the wrong member only
@@ -204,3 +218,24 @@ def test_a_damaged_member_of_a_dailydialog_zip_is_an_error_naming_the_zip(tmp_pa
         main("dialog", "manifest.json")
     assert str(source / "train.zip") in str(info.value) and "not a readable zip file" in str(info.value)
     assert not (work / "dialog").exists()
+
+
+@pytest.mark.parametrize(
+    "stage", sorted(path.stem for path in (REPO_ROOT / "stages").glob("*.py") if path.stem != "__init__")
+)
+def test_a_stage_given_the_wrong_number_of_arguments_prints_its_usage_line(stage, tmp_path):
+    """Not a TypeError traceback from main(*sys.argv[1:]): the docstring's usage line, exit status 2, and
+    nothing read or written (it runs in an empty folder, with no params.yaml)."""
+    result = subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", "one-argument-too-few-or-many"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    usage = next(
+        line for line in (REPO_ROOT / "stages" / f"{stage}.py").read_text().splitlines() if line.startswith("usage:")
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[0] == usage and "arguments, got 1" in result.stderr
+    assert list(tmp_path.iterdir()) == []

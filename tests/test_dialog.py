@@ -37,12 +37,15 @@ def test_parse_dialogues_splits_turns_at_eou_and_skips_blank_lines():
 
 
 def test_read_split_zip_reads_the_split_member(tmp_path, make_dailydialog):
-    root = make_dailydialog(tmp_path, {
-        "validation": [
-            "Are you coming ? __eou__ I ' m on my way . __eou__ Great , see you ! __eou__",
-            "What ' s the price ? __eou__ It ' s $ 20 . __eou__",
-        ],
-    })
+    root = make_dailydialog(
+        tmp_path,
+        {
+            "validation": [
+                "Are you coming ? __eou__ I ' m on my way . __eou__ Great , see you ! __eou__",
+                "What ' s the price ? __eou__ It ' s $ 20 . __eou__",
+            ],
+        },
+    )
     assert read_split_zip(root / "validation.zip", "validation") == [
         ["Are you coming?", "I'm on my way.", "Great, see you!"],
         ["What's the price?", "It's $20."],

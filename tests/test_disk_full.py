@@ -38,8 +38,11 @@ def _write_params(folder):
 
 def _digests(folder):
     """sha256 of every file under `folder` but the filler, by path: what a failed rewrite must not change."""
-    return {path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != FILLER}
+    return {
+        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != FILLER
+    }
 
 
 def _size(path):
@@ -60,12 +63,16 @@ def _assert_fails_for_lack_of_space_and_keeps_everything(folder, run, output):
 # --- atomic_output on its own --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("error", [
-    OSError(errno.ENOSPC, "No space left on device"),
-    OSError(errno.EDQUOT, "Disk quota exceeded"),
-    OSError("1048576 requested and 4096 written"),  # numpy's short write: no errno
-    SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
-], ids=["ENOSPC", "EDQUOT", "numpy", "safetensors"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+        OSError("1048576 requested and 4096 written"),  # numpy's short write: no errno
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ],
+    ids=["ENOSPC", "EDQUOT", "numpy", "safetensors"],
+)
 def test_atomic_output_reports_a_full_disk_with_the_output_path(tmp_path, error):
     target = tmp_path / "out.bin"
     target.write_bytes(b"previous")
@@ -120,11 +127,18 @@ def stage_folder(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("stage, args, output", [
-    (extract_wikipedia, ("data/extracted/wikipedia.jsonl", "metrics/extract_wikipedia.json"),
-     "data/extracted/wikipedia.jsonl"),
-    (extract_dialog, ("data/extracted/dialog", "metrics/extract_dialog.json"), "data/extracted/dialog"),
-], ids=["extract_wikipedia", "extract_dialog"])
+@pytest.mark.parametrize(
+    "stage, args, output",
+    [
+        (
+            extract_wikipedia,
+            ("data/extracted/wikipedia.jsonl", "metrics/extract_wikipedia.json"),
+            "data/extracted/wikipedia.jsonl",
+        ),
+        (extract_dialog, ("data/extracted/dialog", "metrics/extract_dialog.json"), "data/extracted/dialog"),
+    ],
+    ids=["extract_wikipedia", "extract_dialog"],
+)
 def test_a_write_failing_for_lack_of_space_keeps_the_previous_output(stage_folder, monkeypatch, stage, args, output):
     stage.main(*args)
     limit = _size(output) // 2
@@ -147,8 +161,9 @@ def small_disk(tmp_path):
     mount_point.mkdir()
     if shutil.which("mount") is None:
         pytest.skip("no mount command")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
@@ -172,15 +187,19 @@ def test_a_full_tmpfs_fails_each_kind_of_writer_clearly_and_keeps_the_previous_o
     tiny = servable_model(vocab_size=600)
     runs = {  # output: the stage function that writes it, as dvc.yaml calls it
         "data/extracted/wikipedia.jsonl": lambda: extract_wikipedia.main(
-            "data/extracted/wikipedia.jsonl", "metrics/extract_wikipedia.json"),
+            "data/extracted/wikipedia.jsonl", "metrics/extract_wikipedia.json"
+        ),
         "data/extracted/c4.jsonl": lambda: extract_c4.main("data/extracted/c4.jsonl", "metrics/extract_c4.json"),
         "data/extracted/dialog": lambda: extract_dialog.main("data/extracted/dialog", "metrics/extract_dialog.json"),
-        "data/combined": lambda: combine.main("data/extracted/wikipedia.jsonl", "data/extracted/c4.jsonl",
-                                              "data/combined", "metrics/combine.json"),
-        "data/tokenizer.model": lambda: build_bpe.main("data/combined", "data/extracted/dialog",
-                                                       "data/tokenizer.model"),
-        "data/tokens": lambda: encode.main("data/tokenizer.model", "data/combined", "data/extracted/dialog",
-                                           "data/tokens"),
+        "data/combined": lambda: combine.main(
+            "data/extracted/wikipedia.jsonl", "data/extracted/c4.jsonl", "data/combined", "metrics/combine.json"
+        ),
+        "data/tokenizer.model": lambda: build_bpe.main(
+            "data/combined", "data/extracted/dialog", "data/tokenizer.model"
+        ),
+        "data/tokens": lambda: encode.main(
+            "data/tokenizer.model", "data/combined", "data/extracted/dialog", "data/tokens"
+        ),
         "models/pretrain": lambda: save_model(tiny, "models/pretrain"),  # what pretrain ends with
     }
     for run in runs.values():

@@ -95,8 +95,12 @@ def test_generation_stops_at_the_context_end(trained_model):
 
 def decode(model, cache, row, tokens, start):
     """Logits (T, vocab) of `tokens` continuing cache `row` from position `start`."""
-    logits, _ = model(torch.tensor([tokens]), cache=cache, rows=torch.tensor([row]),
-                      positions=torch.arange(start, start + len(tokens))[None])
+    logits, _ = model(
+        torch.tensor([tokens]),
+        cache=cache,
+        rows=torch.tensor([row]),
+        positions=torch.arange(start, start + len(tokens))[None],
+    )
     return logits[0]
 
 
@@ -115,8 +119,11 @@ def test_rows_prefilled_one_at_a_time_then_decoded_together_match_each_row_alone
     """The server's way: prefill each prompt alone into its cache row (rows 2, 0, 1: any free row),
     then decode all rows in one batch at their own positions."""
     model = trained_model
-    rows = [prompt(3, seed=30) + prompt(8, seed=31), prompt(7, seed=32) + prompt(8, seed=33),
-            prompt(5, seed=34) + prompt(8, seed=35)]
+    rows = [
+        prompt(3, seed=30) + prompt(8, seed=31),
+        prompt(7, seed=32) + prompt(8, seed=33),
+        prompt(5, seed=34) + prompt(8, seed=35),
+    ]
     prompt_lengths, cache_rows = [3, 7, 5], [2, 0, 1]
     with torch.no_grad():
         alone = [model(torch.tensor([row]))[0][0] for row in rows]
@@ -159,7 +166,7 @@ def test_rowwise_linear_rows_are_bitwise_the_same_in_any_batch(precision):
             batch = rowwise(inputs[start : start + size])
             for i in range(size):
                 assert torch.equal(batch[i], alone[start + i])
-        tolerance = 1e-5 if precision == "fp32" else 0.02 * float(layer.weight.detach().abs().max()) * in_features ** 0.5
+        tolerance = 1e-5 if precision == "fp32" else 0.02 * float(layer.weight.detach().abs().max()) * in_features**0.5
         torch.testing.assert_close(rowwise(inputs), layer(inputs), rtol=0, atol=tolerance)
 
 
@@ -177,7 +184,7 @@ def test_int8_rows_are_the_documented_integer_arithmetic():
         rounded = torch.round(inputs * torch.where(input_scale > 0, 1 / input_scale, 0.0)[:, None])
         assert rounded.abs().max() <= 127
         sums = rounded.double() @ layer.weight.double().T
-        expected = (sums.float() * input_scale[:, None] * layer.scale[None, :])
+        expected = sums.float() * input_scale[:, None] * layer.scale[None, :]
         torch.testing.assert_close(layer(inputs), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -250,8 +257,7 @@ def test_top_k_one_equals_greedy():
 
 def test_top_k_one_generation_equals_greedy_generation(trained_model):
     ids = prompt(5, seed=16)
-    assert generate(trained_model, ids, Sampling(20, 1.0, top_k=1), seed=3) == generate(trained_model, ids,
-                                                                                        greedy(20))
+    assert generate(trained_model, ids, Sampling(20, 1.0, top_k=1), seed=3) == generate(trained_model, ids, greedy(20))
 
 
 def test_top_k_keeps_only_the_k_largest_logits():
@@ -315,16 +321,20 @@ def test_sampling_follows_the_distribution():
     torch.testing.assert_close(frequencies, torch.softmax(logits[0], -1), rtol=0, atol=0.015)
 
 
-@pytest.mark.parametrize("sampling", [Sampling(1, 0.8, top_p=0.9), Sampling(1, 1.3, top_k=40, top_p=0.5),
-                                      Sampling(1, 0.0)])
+@pytest.mark.parametrize(
+    "sampling", [Sampling(1, 0.8, top_p=0.9), Sampling(1, 1.3, top_k=40, top_p=0.5), Sampling(1, 0.0)]
+)
 def test_a_rows_token_does_not_depend_on_the_rows_sampled_beside_it(sampling):
     """Peaked rows (a narrow nucleus) and flat ones (a nucleus wider than the candidates), alone and together."""
-    logits = torch.cat([random_logits(rows=4, vocab=400, seed=25, scale=8.0),
-                        random_logits(rows=4, vocab=400, seed=26, scale=0.01)])
+    logits = torch.cat(
+        [random_logits(rows=4, vocab=400, seed=25, scale=8.0), random_logits(rows=4, vocab=400, seed=26, scale=0.01)]
+    )
     for seed in range(10):
         together = next_tokens(logits, [Sequence([0], sampling, random_stream(seed, row)) for row in range(8)])
-        alone = [next_tokens(logits[row : row + 1], [Sequence([0], sampling, random_stream(seed, row))])[0]
-                 for row in range(8)]
+        alone = [
+            next_tokens(logits[row : row + 1], [Sequence([0], sampling, random_stream(seed, row))])[0]
+            for row in range(8)
+        ]
         assert together == alone
 
 
@@ -366,10 +376,11 @@ def evaluate_params(max_new_tokens=5):
     return EvaluateParams(batch_size=1, eval_batches=1, max_new_tokens=max_new_tokens, temperature=0.0, top_k=5)
 
 
-@pytest.mark.parametrize("chat, stop_piece", [(True, "<|endoftext|>"), (True, "<|user|>"), (True, "<0x0A>"),
-                                              (False, "<|endoftext|>")])
+@pytest.mark.parametrize(
+    "chat, stop_piece", [(True, "<|endoftext|>"), (True, "<|user|>"), (True, "<0x0A>"), (False, "<|endoftext|>")]
+)
 def test_completions_leave_out_the_stop_token_that_ended_them(tokenizer, chat, stop_piece):
-    from model.evaluation import completions
+    from model.completions import completions
 
     stop_id = tokenizer.sp.piece_to_id(stop_piece)
     model = biased_model(tokenizer.vocab_size, stop_id)
@@ -379,9 +390,9 @@ def test_completions_leave_out_the_stop_token_that_ended_them(tokenizer, chat, s
 
 
 def test_completions_decode_the_generated_tokens(tokenizer):
-    from model.evaluation import completions
+    from model.completions import completions
 
     word_id = tokenizer.encode("lantern")[0]
     model = biased_model(tokenizer.vocab_size, word_id)
-    for prompt, completion in completions(model, tokenizer, True, evaluate_params(4), seed=0):
+    for _, completion in completions(model, tokenizer, True, evaluate_params(4), seed=0):
         assert completion == tokenizer.decode([word_id] * 4)

@@ -16,7 +16,8 @@ import torch
 
 from model.export import CHAT_TEMPLATE, load_export
 from model.llamacpp import NEWLINE_PIECE, OUTTYPES
-from model.tokenizer import END_OF_TEXT_ID, USER_ID, Tokenizer
+from model.special_tokens import END_OF_TEXT_ID, USER_ID
+from model.tokenizer import Tokenizer
 from tests.tiny import make_exports
 
 # Our greedy token may differ from llama.cpp's only where ours wins by less than the error of the file's
@@ -24,12 +25,17 @@ from tests.tiny import make_exports
 # f16 and 4.4e-2 at q8_0, and one greedy token in 180 different, at q8_0, where ours won by 0.005.
 NEAR_TIE = {"f16": 0.01, "q8_0": 0.15}
 DOCUMENTS = ["The capital of France is", "In 1998, the city council", "Music is"]
-CONVERSATIONS = [["What is your name?"], ["Hello!"], ["Hi, how are you?", "I am fine, thank you.", "Where do you live?"]]
+CONVERSATIONS = [
+    ["What is your name?"],
+    ["Hello!"],
+    ["Hi, how are you?", "I am fine, thank you.", "Where do you live?"],
+]
 
 
 def run_gguf_stage(models_dir, out_dir):
-    return subprocess.run([sys.executable, "-m", "stages.gguf", str(models_dir), str(out_dir)],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "stages.gguf", str(models_dir), str(out_dir)], capture_output=True, text=True
+    )
 
 
 def field(reader, key):
@@ -52,7 +58,8 @@ def converted(exports, tmp_path_factory):
 
 def test_the_stage_writes_both_models_at_f16_and_q8_0_with_what_llama_cpp_needs(converted, tokenizer):
     assert sorted(path.name for path in converted.iterdir()) == sorted(
-        f"{name}-{outtype}.{ext}" for name in ("base", "chat") for outtype in OUTTYPES for ext in ("gguf", "Modelfile"))
+        f"{name}-{outtype}.{ext}" for name in ("base", "chat") for outtype in OUTTYPES for ext in ("gguf", "Modelfile")
+    )
     for name in ("base", "chat"):
         for outtype, weight_type in (("f16", gguf.GGMLQuantizationType.F16), ("q8_0", gguf.GGMLQuantizationType.Q8_0)):
             reader = gguf.GGUFReader(converted / f"{name}-{outtype}.gguf")
@@ -107,6 +114,7 @@ def test_a_missing_or_broken_export_is_one_clear_error_and_the_previous_files_st
 
 # llama.cpp itself, on the short pipeline's trained models.
 
+
 @pytest.fixture(scope="module")
 def llama_cpp():
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (`make llamacpp`; README)")
@@ -126,8 +134,14 @@ def ours_and_llama_cpps(pipeline_models, name, outtype):
 
     root, tokenizer = pipeline_models
     model, _ = load_export(root / "serve/models" / name)
-    llm = Llama(model_path=str(root / f"serve/gguf/{name}-{outtype}.gguf"), n_ctx=0, n_threads=1, logits_all=True,
-                seed=0, verbose=False)
+    llm = Llama(
+        model_path=str(root / f"serve/gguf/{name}-{outtype}.gguf"),
+        n_ctx=0,
+        n_threads=1,
+        logits_all=True,
+        seed=0,
+        verbose=False,
+    )
     return tokenizer, model, llm
 
 
@@ -149,8 +163,10 @@ def greedy_with_margins(model, prompt_ids, max_tokens, stop_ids):
 def assert_same_greedy(ours, margins, theirs, outtype, what):
     for i, (our_token, their_token) in enumerate(zip(ours, theirs)):
         if our_token != their_token:
-            assert margins[i] < NEAR_TIE[outtype], (f"{what}: llama.cpp ({outtype}) chose {their_token} at step {i} "
-                                                    f"where ours chose {our_token} by {margins[i]:.3f}")
+            assert margins[i] < NEAR_TIE[outtype], (
+                f"{what}: llama.cpp ({outtype}) chose {their_token} at step {i} "
+                f"where ours chose {our_token} by {margins[i]:.3f}"
+            )
             return
     assert len(ours) == len(theirs), f"{what}: ours {ours}, llama.cpp's {theirs}"
 
@@ -158,8 +174,13 @@ def assert_same_greedy(ours, margins, theirs, outtype, what):
 @pytest.mark.parametrize("outtype", OUTTYPES)
 def test_llama_cpp_tokenizes_plain_text_as_we_do_and_starts_documents_with_endoftext(pipeline_models, outtype):
     tokenizer, _, llm = ours_and_llama_cpps(pipeline_models, "base", outtype)
-    texts = ["The quick brown fox jumps over the lazy dog.", "In 1998, 42 people paid $3.50 each!",
-             "  two  spaces, a\ttab and\nnew lines\n", "Ünïcödé: naïve café, 東京, emoji 🙂", "x"]
+    texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "In 1998, 42 people paid $3.50 each!",
+        "  two  spaces, a\ttab and\nnew lines\n",
+        "Ünïcödé: naïve café, 東京, emoji 🙂",
+        "x",
+    ]
     for text in texts:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text), text
         # The base file's own setting adds <|endoftext|> first, as our server does for a document.

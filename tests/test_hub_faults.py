@@ -112,11 +112,14 @@ def test_the_ryangpt_profiles_hub_pins_stream_the_same_as_the_hub_ids(hub, tmp_p
         assert _manifest(folder, name)["revision"] == hub.sha(HUB[name])
 
 
-@pytest.mark.parametrize("pin, message", [
-    ({"dataset": "allenai/c4", "revision": "0" * 40}, "has no revision '0000000000000000000000000000000000000000'"),
-    ({"dataset": "allenai/c4"}, "must hold exactly"),
-    ({"dataset": "c4", "revision": None}, "must hold exactly"),
-])
+@pytest.mark.parametrize(
+    "pin, message",
+    [
+        ({"dataset": "allenai/c4", "revision": "0" * 40}, "has no revision '0000000000000000000000000000000000000000'"),
+        ({"dataset": "allenai/c4"}, "must hold exactly"),
+        ({"dataset": "c4", "revision": None}, "must hold exactly"),
+    ],
+)
 def test_a_pin_with_a_revision_the_hub_lacks_or_a_malformed_pin_is_one_clear_error(hub, tmp_path, pin, message):
     (tmp_path / "pin").mkdir()
     (tmp_path / "pin" / "hub.json").write_text(json.dumps(pin))
@@ -177,8 +180,9 @@ def test_a_persistent_drop_while_streaming_fails_after_bounded_retries_and_keeps
     (folder / "c4.manifest.json").write_text('{"previous": true}\n', encoding="utf-8")
     fault = hub.fail("drop", r"c4-train\.00001-of-00512\.json\.gz$", methods=("GET",))  # the second shard
     folder, result, elapsed = _run(hub, tmp_path, "c4")
-    message = _assert_failed_cleanly(result, elapsed, "c4.source", "'allenai/c4'", "c4-train.00001-of-00512.json.gz",
-                                     "RemoteProtocolError")
+    message = _assert_failed_cleanly(
+        result, elapsed, "c4.source", "'allenai/c4'", "c4-train.00001-of-00512.json.gz", "RemoteProtocolError"
+    )
     assert "Nothing was written" in message
     # datasets retried the read DATASETS_RETRIES times, each one a request with 5 retries by huggingface_hub
     assert fault.hits == DATASETS_RETRIES * HUB_TRIES
@@ -190,8 +194,14 @@ def test_a_persistent_drop_while_streaming_fails_after_bounded_retries_and_keeps
 def test_persistent_server_errors_fail_after_bounded_retries_and_write_nothing(hub, tmp_path):
     fault = hub.fail("status", r"\.parquet$", methods=("GET",), status=500)
     folder, result, elapsed = _run(hub, tmp_path, "wikipedia")
-    _assert_failed_cleanly(result, elapsed, "wikipedia.source", "'wikimedia/wikipedia'",
-                           "20231101.sample/train-00000-of-00001.parquet", "500")
+    _assert_failed_cleanly(
+        result,
+        elapsed,
+        "wikipedia.source",
+        "'wikimedia/wikipedia'",
+        "20231101.sample/train-00000-of-00001.parquet",
+        "500",
+    )
     assert fault.hits == SOURCE_TRIES * HUB_TRIES  # each of model/sources.py's tries: 6 by huggingface_hub
     assert not (folder / "wikipedia.jsonl").exists()
     assert not (folder / "wikipedia.manifest.json").exists()
@@ -201,8 +211,7 @@ def test_persistent_server_errors_fail_after_bounded_retries_and_write_nothing(h
 def test_a_persistently_stalled_download_times_out_after_bounded_retries(hub, tmp_path):
     fault = hub.fail("stall", r"/dailydialog/resolve/.*/validation\.zip$", methods=("GET",), seconds=30)
     folder, result, elapsed = _run(hub, tmp_path, "dialog")
-    _assert_failed_cleanly(result, elapsed, "dialog.source", "'roskoN/dailydialog'", "'validation.zip'",
-                           "ReadTimeout")
+    _assert_failed_cleanly(result, elapsed, "dialog.source", "'roskoN/dailydialog'", "'validation.zip'", "ReadTimeout")
     assert fault.hits == SOURCE_TRIES * HUB_TRIES
     assert not (folder / "dialog").exists()
     assert _leftovers(folder) == []
@@ -211,8 +220,9 @@ def test_a_persistently_stalled_download_times_out_after_bounded_retries(hub, tm
 def test_a_hub_that_keeps_failing_the_commit_lookup_is_reported_after_bounded_retries(hub, tmp_path):
     fault = hub.fail("status", r"^/api/datasets/allenai/c4$", status=503)
     folder, result, elapsed = _run(hub, tmp_path, "c4")
-    _assert_failed_cleanly(result, elapsed, "c4.source", "'allenai/c4'", "cannot reach the Hugging Face hub",
-                           "503", "local folder")
+    _assert_failed_cleanly(
+        result, elapsed, "c4.source", "'allenai/c4'", "cannot reach the Hugging Face hub", "503", "local folder"
+    )
     assert fault.hits == SOURCE_TRIES
     assert [r for r in hub.requests if "/resolve/" in r.path] == [], "nothing may be streamed without a commit"
     assert not (folder / "c4.jsonl").exists()

@@ -38,7 +38,13 @@ def test_ryangpt_shape_has_20_1m_parameters():
     with open(REPO_ROOT / "configs" / "ryangpt.yaml", encoding="utf-8") as f:
         model_params = yaml.safe_load(f)["model"]
     config = GPTConfig(vocab_size=16000, **model_params)
-    assert (config.n_layers, config.d_model, config.n_heads, config.d_ff, config.tie_embeddings) == (6, 320, 5, 1280, False)
+    assert (config.n_layers, config.d_model, config.n_heads, config.d_ff, config.tie_embeddings) == (
+        6,
+        320,
+        5,
+        1280,
+        False,
+    )
     with torch.device("meta"):  # shapes only: no memory and no initialisation time
         model = GPT(config)
     count = model.num_parameters()

@@ -2,7 +2,6 @@
 
 import copy
 import os
-from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -129,8 +128,10 @@ def test_empty_string_source_is_named(raw):
 
 def test_an_unknown_task_is_named_with_the_suite(raw):
     raw["task_scores"]["tasks"]["mmlu"] = "data/sample/mmlu"
-    assert _error(raw) == ("params.yaml: task_scores.tasks.mmlu is not a known key; valid keys of task_scores.tasks: "
-                           "blimp, lambada_openai, piqa, arc_easy, hellaswag")
+    assert _error(raw) == (
+        "params.yaml: task_scores.tasks.mmlu is not a known key; valid keys of task_scores.tasks: "
+        "blimp, lambada_openai, piqa, arc_easy, hellaswag"
+    )
 
 
 def test_a_task_without_a_source_is_named(raw):
@@ -152,8 +153,10 @@ def test_a_limit_of_zero_scores_every_item(raw):
 def test_the_ryangpt_profiles_score_every_item_of_every_task_from_the_hub(name):
     scores = profile(name).task_scores
     assert scores.limit == 0
-    assert all(Path(REPO_ROOT / getattr(scores.tasks, task) / "hub.json").is_file()
-               for task in ("blimp", "lambada_openai", "piqa", "arc_easy", "hellaswag"))
+    assert all(
+        Path(REPO_ROOT / getattr(scores.tasks, task) / "hub.json").is_file()
+        for task in ("blimp", "lambada_openai", "piqa", "arc_easy", "hellaswag")
+    )
 
 
 # Training and model params
@@ -188,12 +191,15 @@ def test_the_shipped_training_params_pass_the_checks(raw):
     assert params.finetune.min_lr <= params.finetune.lr
 
 
-@pytest.mark.parametrize("section, key, value, valid", [
-    ("pretrain", "optimizer", "sgd", "muon, adamw"),
-    ("finetune", "optimizer", "Muon", "muon, adamw"),
-    ("pretrain", "schedule", "linear", "wsd, cosine"),
-    ("pretrain", "init", "xavier", "gpt2, zero_out, reference"),
-])
+@pytest.mark.parametrize(
+    "section, key, value, valid",
+    [
+        ("pretrain", "optimizer", "sgd", "muon, adamw"),
+        ("finetune", "optimizer", "Muon", "muon, adamw"),
+        ("pretrain", "schedule", "linear", "wsd, cosine"),
+        ("pretrain", "init", "xavier", "gpt2, zero_out, reference"),
+    ],
+)
 def test_unknown_recipe_name_is_an_error_naming_the_key_and_the_valid_names(raw, section, key, value, valid):
     raw[section][key] = value
     message = _error(raw)
@@ -236,7 +242,7 @@ def test_the_reference_profile_runs_the_reference_recipe():
 
 def test_the_fast_profile_differs_from_the_reference_in_the_recipe_only():
     reference, fast = profile("ryangpt"), profile("ryangpt-fast")
-    assert replace(fast, pretrain=reference.pretrain) == reference
+    assert fast.model_copy(update={"pretrain": reference.pretrain}) == reference
     assert (fast.pretrain.optimizer, fast.pretrain.schedule) == ("muon", "wsd")
     for field in ("steps", "batch_size", "grad_accum"):  # the same token budget
         assert getattr(fast.pretrain, field) == getattr(reference.pretrain, field)
@@ -244,7 +250,7 @@ def test_the_fast_profile_differs_from_the_reference_in_the_recipe_only():
 
 def test_the_unique_profile_differs_from_the_fast_one_in_the_data_caps_only():
     fast, unique = profile("ryangpt-fast"), profile("ryangpt-unique")
-    assert replace(unique, wikipedia=fast.wikipedia, c4=fast.c4) == fast
+    assert unique.model_copy(update={"wikipedia": fast.wikipedia, "c4": fast.c4}) == fast
     assert unique.wikipedia.max_bytes + unique.c4.max_bytes > 7 * (fast.wikipedia.max_bytes + fast.c4.max_bytes)
 
 
@@ -278,12 +284,19 @@ def test_a_stage_reports_a_bad_param_in_one_line_without_a_traceback(raw, tmp_pa
     raw["foo"] = 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run([sys.executable, "-m", "stages.combine", "a", "b", "c", "d"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.combine", "a", "b", "c", "d"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: params.yaml: foo is not a known key; valid keys of (top level): seed, wikipedia, c4, dialog, "
-        "combine, tokenizer, model, pretrain, finetune, evaluate, task_scores"]
+        "combine, tokenizer, model, pretrain, finetune, checkpoint_every, evaluate, task_scores"
+    ]
 
 
 @pytest.mark.parametrize("target", [["profile", "NAME=ryangpt-fast"], ["ryangpt"]])
@@ -297,8 +310,13 @@ def test_make_refuses_to_overwrite_a_locally_edited_params_yaml(tmp_path, target
     subprocess.run([*git, "commit", "-qm", "start"], check=True)
     edited = (tmp_path / "params.yaml").read_text().replace("seed: ", "seed: 9", 1)
     (tmp_path / "params.yaml").write_text(edited)
-    result = subprocess.run(["make", "-s", "-o", "setup", "-C", str(tmp_path), *target], capture_output=True,
-                            text=True, env={**os.environ, "MAKEFLAGS": "-o setup"}, timeout=60)
+    result = subprocess.run(
+        ["make", "-s", "-o", "setup", "-C", str(tmp_path), *target],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MAKEFLAGS": "-o setup"},
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "params.yaml has local edits" in result.stdout + result.stderr
     assert (tmp_path / "params.yaml").read_text() == edited

@@ -21,7 +21,8 @@ import yaml
 from model.corpus import SOURCES
 from model.dialog import SPLITS
 from model.encoding import pretraining_splits
-from model.tokenizer import END_OF_TEXT_ID, Tokenizer
+from model.special_tokens import END_OF_TEXT_ID
+from model.tokenizer import Tokenizer
 from tests.pipeline_copy import SHORT_TRAINING, Workspace, clone_workspace, make_workspace, stages_that_ran
 
 pytestmark = pytest.mark.e2e
@@ -102,8 +103,15 @@ def wikipedia_cap_run(workspace, vocab_run):
     before = workspace.hashes()
     workspace.set_param("wikipedia", "max_bytes", cap)
     ran, output = workspace.repro()
-    return {"ran": ran, "output": output, "cap": cap, "before_stats": before_stats,
-            "stats": workspace.json("metrics/extract_wikipedia.json"), "before": before, "after": workspace.hashes()}
+    return {
+        "ran": ran,
+        "output": output,
+        "cap": cap,
+        "before_stats": before_stats,
+        "stats": workspace.json("metrics/extract_wikipedia.json"),
+        "before": before,
+        "after": workspace.hashes(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +121,24 @@ def failed_run(workspace, wikipedia_cap_run):
     workspace.commit("the wikipedia cap run")
     before = workspace.hashes()
     workspace.set_param("tokenizer", "vocab_size", 60000)
-    result = subprocess.run(workspace.dvc_command("repro", *DATA_STAGES), cwd=workspace.root, env=workspace.env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        workspace.dvc_command("repro", *DATA_STAGES),
+        cwd=workspace.root,
+        env=workspace.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     tokenizer_kept = (workspace.root / "data/tokenizer.model").exists()
     subprocess.run(["git", "checkout", "params.yaml"], cwd=workspace.root, check=True)
     workspace.dvc("checkout", *DATA_STAGES)  # the data stages: this copy trained nothing
-    return {"result": result, "tokenizer_kept": tokenizer_kept, "before": before, "after": workspace.hashes(),
-            "status": workspace.status(*DATA_STAGES)}
+    return {
+        "result": result,
+        "tokenizer_kept": tokenizer_kept,
+        "before": before,
+        "after": workspace.hashes(),
+        "status": workspace.status(*DATA_STAGES),
+    }
 
 
 def _changed(run, prefix):
@@ -199,9 +218,9 @@ def test_vocab_size_change_reruns_tokenizer_and_encode_only(workspace, vocab_run
 
 def test_smaller_wikipedia_cap_reruns_wikipedia_and_downstream_only(workspace, wikipedia_cap_run):
     run = wikipedia_cap_run
-    assert run["ran"] & set(DATA_STAGES) == {"extract_wikipedia", "combine", "build_bpe", "encode"}, (
-        run["output"][-3000:]
-    )
+    assert run["ran"] & set(DATA_STAGES) == {"extract_wikipedia", "combine", "build_bpe", "encode"}, run["output"][
+        -3000:
+    ]
     assert run["stats"]["stopped_at_cap"] == 1
     assert run["cap"] <= run["stats"]["bytes_kept"] < run["before_stats"]["bytes_kept"]
     assert run["stats"]["documents_kept"] < run["before_stats"]["documents_kept"]
@@ -225,8 +244,14 @@ def test_whole_pipeline_trains_evaluates_and_exports_both_models(short_pipeline)
         assert prompt in (root / "metrics/completions.md").read_text()
     for name in ("base", "chat"):
         files = {path.name for path in (root / "serve/models" / name).iterdir()}
-        assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.model",
-                "tokenizer_config.json", "README.md"} <= files
+        assert {
+            "model.safetensors",
+            "config.json",
+            "generation_config.json",
+            "tokenizer.model",
+            "tokenizer_config.json",
+            "README.md",
+        } <= files
 
 
 def test_no_tracked_output_holds_a_wall_clock_figure(short_pipeline):
@@ -234,7 +259,7 @@ def test_no_tracked_output_holds_a_wall_clock_figure(short_pipeline):
     modified after `make repro` (the run is otherwise the same bytes on the same machine)."""
     workspace, _ = short_pipeline
     for stage in workspace.stages():
-        for path, digest in workspace.digests(workspace.outputs(stage)).items():
+        for path in workspace.digests(workspace.outputs(stage)):
             if path.endswith((".json", ".tsv")):
                 text = (workspace.root / path).read_text(encoding="utf-8")
                 assert "tokens_per_second" not in text and "mfu" not in text, path
@@ -269,11 +294,14 @@ def test_plots_page_draws_every_declared_chart_with_the_network_off(short_pipeli
         browser.set_network_conditions(offline=True, latency=0, download_throughput=0, upload_throughput=0)
         browser.get(page.as_uri())
         WebDriverWait(browser, 30).until(
-            lambda b: b.execute_script("return document.querySelectorAll('.vega-embed canvas').length") == declared)
+            lambda b: b.execute_script("return document.querySelectorAll('.vega-embed canvas').length") == declared
+        )
         titles = browser.execute_script(
-            "return Array.from(document.querySelectorAll('.vega-embed')).map(e => e.getAttribute('aria-label') || '')")
+            "return Array.from(document.querySelectorAll('.vega-embed')).map(e => e.getAttribute('aria-label') || '')"
+        )
         sizes = browser.execute_script(
-            "return Array.from(document.querySelectorAll('.vega-embed canvas')).map(c => [c.width, c.height])")
+            "return Array.from(document.querySelectorAll('.vega-embed canvas')).map(c => [c.width, c.height])"
+        )
     finally:
         browser.quit()
     assert len(titles) == declared
@@ -293,7 +321,8 @@ def test_a_failed_stage_says_why_in_one_line_and_dvc_checkout_brings_its_outputs
 
 
 def test_exp_show_as_the_readme_runs_it_shows_each_sources_bits_per_byte_and_the_changed_param_in_120_columns(
-        short_pipeline, tmp_path_factory):
+    short_pipeline, tmp_path_factory
+):
     """Two experiments in a clone (the shared workspace stays as it is), then the README's `dvc exp show`: the
     first 120 columns hold the experiments, the bits per byte of each held-out source and the one param that
     differs, with no loss, hash or manifest column anywhere, and no param that is the same in both."""
@@ -305,12 +334,25 @@ def test_exp_show_as_the_readme_runs_it_shows_each_sources_bits_per_byte_and_the
     clone.dvc("exp", "run", "--name", "four-batches", timeout=900)
     clone.dvc("exp", "run", "--name", "two-batches", "-S", "evaluate.eval_batches=2", timeout=900)
     clone.env["COLUMNS"] = "120"  # rich lays the table out for a terminal this wide
-    command = ("exp", "show", "--no-pager", "--only-changed", "--drop", EXP_SHOW_DROP, "--sort-by",
-               "metrics/evaluate.json:base.val/wikipedia/bpb")
+    command = (
+        "exp",
+        "show",
+        "--no-pager",
+        "--only-changed",
+        "--drop",
+        EXP_SHOW_DROP,
+        "--sort-by",
+        "metrics/evaluate.json:base.val/wikipedia/bpb",
+    )
     screen = "\n".join(line[:120] for line in clone.dvc(*command).splitlines())
     header = next(line for line in screen.splitlines() if "Experiment" in line).split()
-    assert header == ["Experiment", "base.val/c4/bpb", "base.val/wikipedia/bpb", "chat.val/dialog/bpb",
-                      "evaluate.eval_batches"], header
+    assert header == [
+        "Experiment",
+        "base.val/c4/bpb",
+        "base.val/wikipedia/bpb",
+        "chat.val/dialog/bpb",
+        "evaluate.eval_batches",
+    ], header
     assert "four-batches" in screen and "two-batches" in screen
     table = clone.dvc(*command, "--md")
     assert "evaluate.eval_batches" in table and "pretrain.lr" not in table
@@ -325,5 +367,7 @@ def test_exp_show_as_the_readme_runs_it_shows_each_sources_bits_per_byte_and_the
     assert clone.run("git", "status", "--porcelain") == "" and clone.status() == {}
 
 
-EXP_SHOW_DROP = ("Created|.*loss|base.val/dialog|chat.val/(c4|wiki)|data/|stages/|models?/|metrics/|serve/"
-                 r"|(base|chat)\.(arc|blimp|hella|lambada|piqa)")  # as README.md writes it
+EXP_SHOW_DROP = (
+    "Created|.*loss|base.val/dialog|chat.val/(c4|wiki)|data/|stages/|models?/|metrics/|serve/"
+    r"|(base|chat)\.(arc|blimp|hella|lambada|piqa)"
+)  # as README.md writes it

@@ -35,15 +35,33 @@ pytestmark = [
 ]
 
 # In the order `dvc repro` runs them (combine takes a fraction of a second and is left out).
-KILLED = ("extract_wikipedia", "extract_c4", "extract_dialog", "build_bpe", "encode", "pretrain", "finetune",
-          "evaluate", "export", "gguf")
+KILLED = (
+    "extract_wikipedia",
+    "extract_c4",
+    "extract_dialog",
+    "build_bpe",
+    "encode",
+    "pretrain",
+    "finetune",
+    "evaluate",
+    "export",
+    "gguf",
+)
 TRAINING = ("pretrain", "finetune")
 # A stage other than training is killed as soon as a temporary output of it appears, or at the latest this
 # long after DVC announces it. Where the stage writes all along (streaming extraction, the token arrays, the
 # export folders) the temporary comes first; build_bpe and evaluate write in one go at their very end, so
 # they are killed early, while they compute.
-DELAY_S = {"extract_wikipedia": 3.0, "extract_c4": 3.0, "extract_dialog": 3.0, "build_bpe": 0.05, "encode": 3.0,
-           "evaluate": 0.5, "export": 3.0, "gguf": 3.0}
+DELAY_S = {
+    "extract_wikipedia": 3.0,
+    "extract_c4": 3.0,
+    "extract_dialog": 3.0,
+    "build_bpe": 0.05,
+    "encode": 3.0,
+    "evaluate": 0.5,
+    "export": 3.0,
+    "gguf": 3.0,
+}
 REPRO_TIMEOUT_S = 300
 
 # The checkpoints hold wall-clock throughput (tokens/s, MFU on GPUs) in the logged history of their metadata:
@@ -55,8 +73,14 @@ class Repro:
     """`dvc repro` in a process group of its own; its stdout and stderr are collected as they come."""
 
     def __init__(self, workspace):
-        self.process = subprocess.Popen(workspace.dvc_command("repro"), cwd=workspace.root, env=workspace.env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            workspace.dvc_command("repro"),
+            cwd=workspace.root,
+            env=workspace.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self._chunks = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -74,8 +98,9 @@ class Repro:
         while not condition():
             if self.process.poll() is not None:
                 self._reader.join(timeout=10)
-                raise AssertionError(f"dvc repro ended ({self.process.returncode}) before {what}:\n"
-                                     f"{self.output[-4000:]}")
+                raise AssertionError(
+                    f"dvc repro ended ({self.process.returncode}) before {what}:\n{self.output[-4000:]}"
+                )
             if time.monotonic() > deadline:
                 self.kill()
                 raise AssertionError(f"no {what} within {REPRO_TIMEOUT_S} s:\n{self.output[-4000:]}")
@@ -121,17 +146,27 @@ def _kill_in(workspace, repro, stage):
     outputs = workspace.outputs(stage)
     if stage in TRAINING:
         checkpoint = workspace.root / f"checkpoints/{stage}.safetensors"
-        every = workspace.param(stage, "checkpoint_every")
+        every = workspace.param("checkpoint_every", stage)
         # Half-way between two checkpoints, so the rerun has steps to redo.
-        repro.wait_until(lambda: checkpoint.exists() and _steps_done(repro.output, stage) >= every * 3 // 2,
-                         f"{stage} passing step {every * 3 // 2} with a checkpoint")
+        repro.wait_until(
+            lambda: checkpoint.exists() and _steps_done(repro.output, stage) >= every * 3 // 2,
+            f"{stage} passing step {every * 3 // 2} with a checkpoint",
+        )
     else:
-        repro.wait_until(lambda: _temporaries(workspace, outputs) or time.monotonic() - started > DELAY_S[stage],
-                         f"{stage} writing", interval=0.001)
+        repro.wait_until(
+            lambda: _temporaries(workspace, outputs) or time.monotonic() - started > DELAY_S[stage],
+            f"{stage} writing",
+            interval=0.001,
+        )
     temporaries = _temporaries(workspace, outputs)
     returncode = repro.kill()
-    return {"stage": stage, "returncode": returncode, "after_s": round(time.monotonic() - started, 2),
-            "temporaries": temporaries, "output": repro.output}
+    return {
+        "stage": stage,
+        "returncode": returncode,
+        "after_s": round(time.monotonic() - started, 2),
+        "temporaries": temporaries,
+        "output": repro.output,
+    }
 
 
 def _checkpoint_state(path):
@@ -167,8 +202,10 @@ def kills(short_pipeline, tmp_path_factory):
     observations[-1]["rerun_output"] = final
     for seen in observations:
         checkpoint = f", checkpoint at step {seen['checkpoint'][0]}" if "checkpoint" in seen else ""
-        print(f"killed {seen['stage']} {seen['after_s']} s after it started, temporary outputs "
-              f"{seen['temporaries'] or 'none'}{checkpoint}; reported changed: {seen['stage'] in seen['status']}")
+        print(
+            f"killed {seen['stage']} {seen['after_s']} s after it started, temporary outputs "
+            f"{seen['temporaries'] or 'none'}{checkpoint}; reported changed: {seen['stage'] in seen['status']}"
+        )
     return observations, final, workspace
 
 
@@ -196,7 +233,7 @@ def test_killed_training_leaves_a_whole_checkpoint_and_resumes_from_it(kills):
     observations, _, workspace = kills
     for seen in (seen for seen in observations if seen["stage"] in TRAINING):
         stage, (step, complete) = seen["stage"], seen["checkpoint"]
-        every, steps = workspace.param(stage, "checkpoint_every"), workspace.param(stage, "steps")
+        every, steps = workspace.param("checkpoint_every", stage), workspace.param(stage, "steps")
         assert not complete and 0 < step < steps and step % every == 0, seen["checkpoint"]
         assert f"{stage}: resuming from step {step} (checkpoints/{stage}.safetensors)" in seen["rerun_output"]
         assert re.search(rf"{stage}:\s+\d+%\|[^|\r\n]*\|\s*{step}/{steps}", seen["rerun_output"]), (
@@ -218,8 +255,10 @@ def _checkpoints_without_timing(workspace):
     for path in CHECKPOINTS:
         with safe_open(workspace.root / path, framework="pt") as f:
             metadata = f.metadata()
-        history = [{key: value for key, value in row.items() if key not in WALL_CLOCK_FIGURES}
-                   for row in json.loads(metadata.pop("history"))]
+        history = [
+            {key: value for key, value in row.items() if key not in WALL_CLOCK_FIGURES}
+            for row in json.loads(metadata.pop("history"))
+        ]
         tensors = {name: tensor.numpy().tobytes() for name, tensor in load_file(workspace.root / path).items()}
         contents[path] = {"metadata": metadata, "history": history, "tensors": tensors}
     return contents

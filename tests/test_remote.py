@@ -45,8 +45,13 @@ def _use_local_s3(workspace):
 
 
 def _bucket_objects(endpoint):
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                      aws_secret_access_key="testing")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
@@ -55,8 +60,13 @@ def _bucket_objects(endpoint):
 def shared(short_pipeline, s3_endpoint, tmp_path_factory):
     """Pushes the run and commits it, then clones that commit and pulls into the clone."""
     origin, _ = short_pipeline
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+    boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket=BUCKET)
     _use_local_s3(origin)
     origin.dvc("remote", "add", "--default", "storage", REMOTE)
     origin.dvc("remote", "modify", "storage", "endpointurl", s3_endpoint)

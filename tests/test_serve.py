@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from model.tokenizer import END_OF_TEXT_ID
+from model.special_tokens import END_OF_TEXT_ID
 from serve.app import create_app
 from serve.engine import PIPELINE_FROM
 from tests.server import RunningServer
@@ -69,8 +69,9 @@ def test_health(server):
 
 
 def test_completion_returns_text_usage_and_finish_reason(client):
-    reply = client.completions.create(model="base", prompt="The capital of France is", max_tokens=12,
-                                      temperature=0, extra_body={"min_tokens": 12})
+    reply = client.completions.create(
+        model="base", prompt="The capital of France is", max_tokens=12, temperature=0, extra_body={"min_tokens": 12}
+    )
     choice = reply.choices[0]
     assert choice.finish_reason == "length" and choice.text
     assert reply.usage.completion_tokens == 12
@@ -85,15 +86,22 @@ def test_int8_serving_keeps_the_kv_cache_in_16_bit_floats_and_fp32_in_32(models_
 
 
 def test_temperature_zero_is_greedy_and_repeatable(client):
-    texts = {client.completions.create(model="base", prompt="Hello", max_tokens=10, temperature=0).choices[0].text
-             for _ in range(3)}
+    texts = {
+        client.completions.create(model="base", prompt="Hello", max_tokens=10, temperature=0).choices[0].text
+        for _ in range(3)
+    }
     assert len(texts) == 1
 
 
 def test_same_seed_same_output_and_different_seeds_differ(client):
     def sample(seed):
-        return client.completions.create(model="base", prompt="Once", max_tokens=24, temperature=1.0, seed=seed,
-                                         extra_body={"min_tokens": 24}).choices[0].text
+        return (
+            client.completions.create(
+                model="base", prompt="Once", max_tokens=24, temperature=1.0, seed=seed, extra_body={"min_tokens": 24}
+            )
+            .choices[0]
+            .text
+        )
 
     assert sample(7) == sample(7)
     assert len({sample(seed) for seed in range(4)}) > 1
@@ -104,11 +112,29 @@ def test_a_request_gives_the_same_text_alone_and_batched_with_others(models_dir,
     """The README's promise, as a user meets it: a seeded sampled request and a greedy one, sent alone,
     then again while longer generations (other prompts, lengths and settings) decode beside them, enough
     that the batch steps in two halves (PIPELINE_FROM)."""
-    targets = [{"model": "base", "prompt": "Once upon a time", "max_tokens": 40, "min_tokens": 40,
-                "temperature": 1.0, "top_p": 0.9, "seed": 2**40 + 3},
-               {"model": "base", "prompt": "The river", "max_tokens": 40, "min_tokens": 40, "temperature": 0}]
-    others = [{"model": "base", "prompt": "word " * (2 + i), "max_tokens": 90, "min_tokens": 90,
-               "temperature": 0.5 + i / 8, "seed": i} for i in range(PIPELINE_FROM + 2)]
+    targets = [
+        {
+            "model": "base",
+            "prompt": "Once upon a time",
+            "max_tokens": 40,
+            "min_tokens": 40,
+            "temperature": 1.0,
+            "top_p": 0.9,
+            "seed": 2**40 + 3,
+        },
+        {"model": "base", "prompt": "The river", "max_tokens": 40, "min_tokens": 40, "temperature": 0},
+    ]
+    others = [
+        {
+            "model": "base",
+            "prompt": "word " * (2 + i),
+            "max_tokens": 90,
+            "min_tokens": 90,
+            "temperature": 0.5 + i / 8,
+            "seed": i,
+        }
+        for i in range(PIPELINE_FROM + 2)
+    ]
 
     async def texts(client, bodies):
         replies = await asyncio.gather(*(client.post("/v1/completions", json=body) for body in bodies))
@@ -140,11 +166,17 @@ def test_n_and_prompt_list_give_one_choice_each(client):
 
 
 def test_stop_string_ends_the_text_before_it(client):
-    free = client.completions.create(model="base", prompt="Hello", max_tokens=30, temperature=0,
-                                     extra_body={"min_tokens": 30}).choices[0].text
+    free = (
+        client.completions.create(
+            model="base", prompt="Hello", max_tokens=30, temperature=0, extra_body={"min_tokens": 30}
+        )
+        .choices[0]
+        .text
+    )
     stop = free[5:8]
-    reply = client.completions.create(model="base", prompt="Hello", max_tokens=30, temperature=0, stop=[stop],
-                                      extra_body={"min_tokens": 30})
+    reply = client.completions.create(
+        model="base", prompt="Hello", max_tokens=30, temperature=0, stop=[stop], extra_body={"min_tokens": 30}
+    )
     assert reply.choices[0].finish_reason == "stop"
     assert reply.choices[0].text == free[: free.index(stop)]
 
@@ -161,14 +193,19 @@ def byte_piece(tokenizer, value):
     return tokenizer.sp.piece_to_id(f"<0x{value:02X}>")
 
 
-@pytest.mark.parametrize("script, text", [
-    (lambda t: [byte_piece(t, 0xE6)], ""),  # a character begun at the end: not in the reply
-    (lambda t: t.encode("a") + [byte_piece(t, 0xF0), byte_piece(t, 0x9F)], "a"),
-    (lambda t: [byte_piece(t, 0xE6), *t.encode("a")], "\ufffda"),  # a byte no character can hold
-    (lambda t: [byte_piece(t, 0xE6), byte_piece(t, 0x9D), byte_piece(t, 0xB1)], "東"),  # finished by later tokens
-], ids=["lead-byte-at-the-end", "two-of-four-bytes-at-the-end", "invalid-inside", "whole-character"])
-def test_a_reply_holds_only_whole_characters_and_u_fffd_for_invalid_bytes(server, base_model, monkeypatch, script,
-                                                                          text):
+@pytest.mark.parametrize(
+    "script, text",
+    [
+        (lambda t: [byte_piece(t, 0xE6)], ""),  # a character begun at the end: not in the reply
+        (lambda t: t.encode("a") + [byte_piece(t, 0xF0), byte_piece(t, 0x9F)], "a"),
+        (lambda t: [byte_piece(t, 0xE6), *t.encode("a")], "\ufffda"),  # a byte no character can hold
+        (lambda t: [byte_piece(t, 0xE6), byte_piece(t, 0x9D), byte_piece(t, 0xB1)], "東"),  # finished by later tokens
+    ],
+    ids=["lead-byte-at-the-end", "two-of-four-bytes-at-the-end", "invalid-inside", "whole-character"],
+)
+def test_a_reply_holds_only_whole_characters_and_u_fffd_for_invalid_bytes(
+    server, base_model, monkeypatch, script, text
+):
     """Sampled byte pieces: a reply (and every stream chunk) has only the characters its bytes finish; a byte
     that cannot be part of one is U+FFFD, as in any UTF-8 decoder."""
     import serve.engine
@@ -193,23 +230,35 @@ def test_a_reply_holds_only_whole_characters_and_u_fffd_for_invalid_bytes(server
 
 
 def test_chat_multi_turn_and_streaming(client):
-    messages = [{"role": "user", "content": "Hi, how are you?"}, {"role": "assistant", "content": "Fine, thanks."},
-                {"role": "user", "content": "What is your name?"}]
+    messages = [
+        {"role": "user", "content": "Hi, how are you?"},
+        {"role": "assistant", "content": "Fine, thanks."},
+        {"role": "user", "content": "What is your name?"},
+    ]
     reply = client.chat.completions.create(model="chat", messages=messages, max_tokens=20, temperature=0)
     assert reply.choices[0].message.role == "assistant"
     assert "\n" not in reply.choices[0].message.content
-    stream = client.chat.completions.create(model="chat", messages=messages, max_tokens=20, temperature=0,
-                                            stream=True)
+    stream = client.chat.completions.create(model="chat", messages=messages, max_tokens=20, temperature=0, stream=True)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
     assert text == reply.choices[0].message.content
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "Hi"}]}),
-    ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "logprobs": True,
-                              "stream_options": {"include_usage": True}}),
-    ("/v1/completions", {"model": "base", "prompt": "Rivers", "logprobs": 1}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/chat/completions", {"model": "chat", "messages": [{"role": "user", "content": "Hi"}]}),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "chat",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "logprobs": True,
+                "stream_options": {"include_usage": True},
+            },
+        ),
+        ("/v1/completions", {"model": "base", "prompt": "Rivers", "logprobs": 1}),
+    ],
+)
 def test_every_streamed_chunk_matches_the_schema_the_api_publishes(server, path, body):
     """Each chunk against the chunk class that /openapi.json derives its schema from (finish_reason is required:
     null until the last chunk)."""
@@ -217,7 +266,7 @@ def test_every_streamed_chunk_matches_the_schema_the_api_publishes(server, path,
 
     chunk_class = ChatCompletionChunk if "chat" in path else CompletionChunk
     with httpx.stream("POST", server.url + path, json={**body, "max_tokens": 12, "stream": True}, timeout=60) as reply:
-        lines = [line[len("data: "):] for line in reply.iter_lines() if line.startswith("data: ")]
+        lines = [line[len("data: ") :] for line in reply.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "[DONE]" and len(lines) > 2
     for line in lines[:-1]:
         chunk = json.loads(line)
@@ -231,20 +280,23 @@ def test_chat_on_a_base_model_is_refused(client):
     assert error.value.body["param"] == "model"
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"model": "base", "prompt": "x", "temperature": 2.5}, "temperature"),
-    ({"model": "base", "prompt": "x", "temperature": "hot"}, "temperature"),
-    ({"model": "base", "prompt": "x", "top_p": 0}, "top_p"),
-    ({"model": "base", "prompt": "x", "top_k": 0}, "top_k"),
-    ({"model": "base", "prompt": "x", "n": 0}, "n"),
-    ({"model": "base", "prompt": "x", "n": 100}, "n"),
-    ({"model": "base", "prompt": "x", "max_tokens": 100000}, "max_tokens"),
-    ({"model": "base", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
-    ({"model": "base", "prompt": 42}, "prompt"),
-    ({"model": "base", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"model": "chat", "messages": [{"role": "assistant", "content": "x"}]}, "messages"),
-    ({"model": "chat", "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": "base", "prompt": "x", "temperature": 2.5}, "temperature"),
+        ({"model": "base", "prompt": "x", "temperature": "hot"}, "temperature"),
+        ({"model": "base", "prompt": "x", "top_p": 0}, "top_p"),
+        ({"model": "base", "prompt": "x", "top_k": 0}, "top_k"),
+        ({"model": "base", "prompt": "x", "n": 0}, "n"),
+        ({"model": "base", "prompt": "x", "n": 100}, "n"),
+        ({"model": "base", "prompt": "x", "max_tokens": 100000}, "max_tokens"),
+        ({"model": "base", "prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+        ({"model": "base", "prompt": 42}, "prompt"),
+        ({"model": "base", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "chat", "messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+        ({"model": "chat", "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ],
+)
 def test_bad_fields_get_a_400_naming_the_field(server, body, param):
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     response = post(server, path, json.dumps(body))
@@ -296,7 +348,8 @@ def test_a_failing_generation_step_ends_its_request_and_the_model_keeps_serving(
 
 
 def test_a_kernel_failure_while_the_batch_steps_in_halves_is_retried_row_by_row_and_every_request_completes(
-        server, monkeypatch):
+    server, monkeypatch
+):
     """From PIPELINE_FROM requests on, the decode kernel runs on a thread of its own. A batched step that fails
     there is stepped again one request at a time (which rewrites the same cache entries), so a failure that is
     no request's own ends none of them, and each text is the one it would have been."""
@@ -307,8 +360,9 @@ def test_a_kernel_failure_while_the_batch_steps_in_halves_is_retried_row_by_row_
 
     async def batch():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-            replies = await asyncio.gather(*(client.post("/v1/completions", json={**body, "seed": i})
-                                             for i in range(PIPELINE_FROM + 2)))
+            replies = await asyncio.gather(
+                *(client.post("/v1/completions", json={**body, "seed": i}) for i in range(PIPELINE_FROM + 2))
+            )
         assert [reply.status_code for reply in replies] == [200] * (PIPELINE_FROM + 2)
         return [reply.json()["choices"][0]["text"] for reply in replies]
 
@@ -369,15 +423,19 @@ def test_tokenize_gives_the_ids_a_completion_prompt_is_scored_on_and_detokenize_
     _, tokenizer = base_model
     text = "The river<|endoftext|>Rivers flow"
     tokenized = httpx.post(server.url + "/tokenize", json={"prompt": text}).json()
-    scored = post(server, "/v1/completions", json.dumps({"model": "base", "prompt": text, "max_tokens": 0,
-                                                         "echo": True, "logprobs": 0})).json()
+    scored = post(
+        server,
+        "/v1/completions",
+        json.dumps({"model": "base", "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0}),
+    ).json()
     assert tokenized["count"] == len(tokenized["tokens"]) == scored["usage"]["prompt_tokens"]
     assert tokenized["tokens"] == tokenizer.document_prompt(text) and tokenized["tokens"].count(END_OF_TEXT_ID) == 2
     assert tokenized["max_model_len"] == 128
     plain = httpx.post(server.url + "/tokenize", json={"model": "chat", "prompt": text, "add_special_tokens": False})
     assert plain.json()["tokens"] == tokenized["tokens"][1:]
     assert httpx.post(server.url + "/tokenize", json={"prompt": "<|endoftext|>", "add_special_tokens": False}).json()[
-        "tokens"] == [END_OF_TEXT_ID]
+        "tokens"
+    ] == [END_OF_TEXT_ID]
     ids = tokenizer.encode_text("Rivers flow, 東京 🙂")
     assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json() == {"prompt": "Rivers flow, 東京 🙂"}
 
@@ -388,7 +446,9 @@ def test_tokenizer_info_is_the_exports_tokenizer_config(server, models_dir):
         info = httpx.get(server.url + "/tokenizer_info", params={"model": name}).json()
         assert info["eos_token"] == config["eos_token"] == "<|endoftext|>"
         assert info["model_max_length"] == config["model_max_length"] == 128
-        assert info["chat_template"] == config.get("chat_template") and (info["chat_template"] is None) == (name == "base")
+        assert info["chat_template"] == config.get("chat_template") and (info["chat_template"] is None) == (
+            name == "base"
+        )
 
 
 def test_tokenizer_routes_refuse_what_they_cannot_answer_by_name(server, monkeypatch):
@@ -406,12 +466,23 @@ def test_the_harness_loglikelihood_request_scores_continuations_like_the_model(s
     token-id prompts, echo, max_tokens 1, logprobs 1, temperature 0; it reads token_logprobs and top_logprobs
     from the context's end (dropping the generated token). Here on a tiny task: which continuation is likelier."""
     model, tokenizer = base_model
-    task = [("The capital of France is", " Paris"), ("The capital of France is", " a river"),
-            ("Once upon a time", " there was")]
-    pairs = [(tokenizer.document_prompt(context), tokenizer.encode_text(continuation)) for context, continuation
-             in task]
-    body = {"model": "base", "prompt": [context + continuation for context, continuation in pairs],
-            "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True, "seed": 1234}
+    task = [
+        ("The capital of France is", " Paris"),
+        ("The capital of France is", " a river"),
+        ("Once upon a time", " there was"),
+    ]
+    pairs = [
+        (tokenizer.document_prompt(context), tokenizer.encode_text(continuation)) for context, continuation in task
+    ]
+    body = {
+        "model": "base",
+        "prompt": [context + continuation for context, continuation in pairs],
+        "max_tokens": 1,
+        "temperature": 0,
+        "logprobs": 1,
+        "echo": True,
+        "seed": 1234,
+    }
     reply = post(server, "/v1/completions", json.dumps(body))
     assert reply.status_code == 200, reply.text
     choices = sorted(reply.json()["choices"], key=lambda choice: choice["index"])
@@ -423,10 +494,12 @@ def test_the_harness_loglikelihood_request_scores_continuations_like_the_model(s
         tops = logprobs["top_logprobs"][len(context) : -1]
         expected, position_logprobs = model_logprobs(model, context + continuation)
         assert sum(scored) == pytest.approx(sum(expected[len(context) - 1 :]), abs=0.1)
-        model_greedy = all(int(position_logprobs[len(context) - 1 + i].argmax()) == token
-                           for i, token in enumerate(continuation))
-        reply_greedy = all(max(top, key=top.get) == token for top, token in
-                           zip(tops, logprobs["tokens"][len(context) : -1]))
+        model_greedy = all(
+            int(position_logprobs[len(context) - 1 + i].argmax()) == token for i, token in enumerate(continuation)
+        )
+        reply_greedy = all(
+            max(top, key=top.get) == token for top, token in zip(tops, logprobs["tokens"][len(context) : -1])
+        )
         assert reply_greedy == model_greedy
 
 
@@ -442,8 +515,14 @@ def test_echo_with_max_tokens_0_scores_the_prompt_only(server):
 
 
 def test_chat_logprobs_come_in_the_chat_format(client):
-    reply = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
-                                           temperature=0, logprobs=True, top_logprobs=2)
+    reply = client.chat.completions.create(
+        model="chat",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = reply.choices[0].logprobs.content
     assert "".join(entry.token for entry in content) == reply.choices[0].message.content
     for entry in content:
@@ -452,15 +531,32 @@ def test_chat_logprobs_come_in_the_chat_format(client):
 
 
 def test_stream_options_include_usage_ends_with_a_usage_chunk(client):
-    chunks = list(client.completions.create(model="base", prompt="Rivers", max_tokens=5, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}, extra_body={"min_tokens": 5}))
+    chunks = list(
+        client.completions.create(
+            model="base",
+            prompt="Rivers",
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"min_tokens": 5},
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
     assert all(chunk.usage is None for chunk in chunks[:-1])
 
 
-@pytest.mark.parametrize("field, value", [("best_of", 3), ("suffix", "end"), ("logit_bias", {"5": 10}),
-                                          ("frequency_penalty", 0.5), ("presence_penalty", -1),
-                                          ("response_format", {"type": "json_object"})])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("best_of", 3),
+        ("suffix", "end"),
+        ("logit_bias", {"5": 10}),
+        ("frequency_penalty", 0.5),
+        ("presence_penalty", -1),
+        ("response_format", {"type": "json_object"}),
+    ],
+)
 def test_fields_we_do_not_implement_are_refused_by_name(server, field, value):
     response = post(server, "/v1/completions", json.dumps({"model": "base", "prompt": "x", field: value}))
     assert response.status_code == 400
@@ -468,17 +564,34 @@ def test_fields_we_do_not_implement_are_refused_by_name(server, field, value):
 
 
 def test_neutral_values_of_unimplemented_fields_are_accepted(server):
-    body = {"model": "base", "prompt": "x", "max_tokens": 2, "best_of": 1, "logit_bias": {}, "frequency_penalty": 0,
-            "presence_penalty": 0.0, "suffix": None, "user": "someone"}
+    body = {
+        "model": "base",
+        "prompt": "x",
+        "max_tokens": 2,
+        "best_of": 1,
+        "logit_bias": {},
+        "frequency_penalty": 0,
+        "presence_penalty": 0.0,
+        "suffix": None,
+        "user": "someone",
+    }
     assert post(server, "/v1/completions", json.dumps(body)).status_code == 200
-    chat = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "tools": [],
-            "response_format": {"type": "text"}, "parallel_tool_calls": False}
+    chat = {
+        "model": "chat",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+        "tools": [],
+        "response_format": {"type": "text"},
+        "parallel_tool_calls": False,
+    }
     assert post(server, "/v1/chat/completions", json.dumps(chat)).status_code == 200
 
 
 def test_a_system_message_is_refused_not_dropped(server):
-    body = {"model": "chat", "messages": [{"role": "system", "content": "Be brief."},
-                                          {"role": "user", "content": "Hi"}]}
+    body = {
+        "model": "chat",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    }
     response = post(server, "/v1/chat/completions", json.dumps(body))
     assert response.status_code == 400 and response.json()["error"]["param"] == "messages.0.role"
 
@@ -493,8 +606,11 @@ def test_a_long_prompt_is_prefilled_a_chunk_between_two_decode_steps(server, mon
 
     engine = server.app.state.models["base"].engine
     passes, forward, decoder = [], engine.model.forward, engine.decoder
-    monkeypatch.setattr(engine.model, "forward",
-                        lambda tokens, **kwargs: passes.append(("chunk", tokens.shape[1])) or forward(tokens, **kwargs))
+    monkeypatch.setattr(
+        engine.model,
+        "forward",
+        lambda tokens, **kwargs: passes.append(("chunk", tokens.shape[1])) or forward(tokens, **kwargs),
+    )
     monkeypatch.setattr(engine, "decoder", lambda *step: passes.append(("step", tuple(step[1]))) or decoder(*step))
     decoding = {"model": "base", "prompt": "Rivers", "max_tokens": 120, "min_tokens": 120, "temperature": 0}
     long_prompt = {"model": "base", "prompt": list(range(10, 120)), "max_tokens": 1}  # 110 token ids: 4 chunks

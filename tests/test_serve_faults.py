@@ -87,14 +87,23 @@ def test_scoring_only_requests_free_their_rows_and_the_model_answers_next(small_
     all_rows_free(small_server, "chat")
 
 
-@pytest.mark.parametrize("body", [
-    {"max_tokens": 1},  # ends at its first token
-    {"max_tokens": 40, "stop": [" ", "e", "a", "o"]},  # a stop string, most likely in the first tokens
-], ids=["first-token", "stop-string"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"max_tokens": 1},  # ends at its first token
+        {"max_tokens": 40, "stop": [" ", "e", "a", "o"]},  # a stop string, most likely in the first tokens
+    ],
+    ids=["first-token", "stop-string"],
+)
 def test_generations_that_end_early_free_their_rows(small_server, body):
-    replies = [httpx.post(small_server.url + "/v1/completions", timeout=30,
-                          json={"model": "base", "prompt": ["Hi", "Ho"], "n": 4, "seed": 1, **body})
-               for _ in range(2)]
+    replies = [
+        httpx.post(
+            small_server.url + "/v1/completions",
+            timeout=30,
+            json={"model": "base", "prompt": ["Hi", "Ho"], "n": 4, "seed": 1, **body},
+        )
+        for _ in range(2)
+    ]
     assert [reply.status_code for reply in replies] == [200, 200]
     all_rows_free(small_server, "base")
 
@@ -103,8 +112,9 @@ def test_generations_that_fail_or_are_left_in_prefill_free_their_rows(small_serv
     engine = small_server.app.state.models["base"].engine
     forward = engine.model.forward
     monkeypatch.setattr(engine.model, "forward", lambda *args, **kwargs: 1 / 0)
-    failed = httpx.post(small_server.url + "/v1/completions", timeout=30,
-                        json={"model": "base", "prompt": ["Hi", "Ho"], "n": 4})
+    failed = httpx.post(
+        small_server.url + "/v1/completions", timeout=30, json={"model": "base", "prompt": ["Hi", "Ho"], "n": 4}
+    )
     assert failed.status_code == 500 and failed.json()["error"]["code"] == "generation_failed"
     all_rows_free(small_server, "base")
 
@@ -118,8 +128,12 @@ def test_generations_that_fail_or_are_left_in_prefill_free_their_rows(small_serv
         httpx.post(small_server.url + "/v1/completions", json=long_prompt, timeout=0.3)
     monkeypatch.setattr(engine.model, "forward", forward)
     all_rows_free(small_server, "base")
-    assert httpx.post(small_server.url + "/v1/completions", timeout=30,
-                      json={"model": "base", "prompt": "Hi", "max_tokens": 3}).status_code == 200
+    assert (
+        httpx.post(
+            small_server.url + "/v1/completions", timeout=30, json={"model": "base", "prompt": "Hi", "max_tokens": 3}
+        ).status_code
+        == 200
+    )
 
 
 # --- one request's end is its own ----------------------------------------------------------------
@@ -149,7 +163,8 @@ def decoding_beside(server, streams, tokens=60):
 
 
 def test_a_request_cancelled_in_its_last_prefill_chunk_ends_alone_beside_requests_stepping_in_halves(
-        server, monkeypatch):
+    server, monkeypatch
+):
     """The issue's IndexError: a request that joins the batch cancelled has no token to step from; the next
     half step took it and failed all in flight. Cancelled here exactly during its last chunk, every round."""
     engine = server.app.state.models["base"].engine
@@ -170,8 +185,12 @@ def test_a_request_cancelled_in_its_last_prefill_chunk_ends_alone_beside_request
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             background = asyncio.ensure_future(decoding_beside(server, PIPELINE_FROM + 2, tokens=60)(client))
             await asyncio.to_thread(wait_until, lambda: len(engine._decoding) >= PIPELINE_FROM)
-            victims = [asyncio.ensure_future(client.post("/v1/completions", json={
-                "model": "base", "prompt": victim_ids, "max_tokens": 3})) for _ in range(3)]
+            victims = [
+                asyncio.ensure_future(
+                    client.post("/v1/completions", json={"model": "base", "prompt": victim_ids, "max_tokens": 3})
+                )
+                for _ in range(3)
+            ]
             texts = await background
             for victim in victims:  # nobody answers a cancelled request: its client is gone
                 victim.cancel()
@@ -238,8 +257,11 @@ def test_a_decode_step_that_fails_for_one_request_ends_that_request_only(server,
 # --- bodies --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prompt", [[-1] * 240_000, [1] + ["a"] * 240_000, ["a"] * 240_000, [[-1]] * 240_000],
-                         ids=["negative-ids", "strings-among-ids", "texts", "id-lists"])
+@pytest.mark.parametrize(
+    "prompt",
+    [[-1] * 240_000, [1] + ["a"] * 240_000, ["a"] * 240_000, [[-1]] * 240_000],
+    ids=["negative-ids", "strings-among-ids", "texts", "id-lists"],
+)
 def test_a_long_invalid_prompt_is_one_error_not_one_per_item(prompt):
     """Pydantic built an error per item and union member (5 s of event loop for 720 KB): one error now."""
     with pytest.raises(ValueError) as error:
@@ -256,8 +278,10 @@ def test_a_long_invalid_prompt_gets_a_400_naming_the_prompt(server):
 def test_a_trickled_body_gets_408_when_its_whole_time_is_spent(models_dir):
     with RunningServer(models_dir, body_seconds=1.0) as server:
         with raw_socket(server) as connection:
-            connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
-                               b"\r\nContent-Length: 100\r\n\r\n")
+            connection.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                b"\r\nContent-Length: 100\r\n\r\n"
+            )
             started = time.monotonic()
             connection.settimeout(0.25)
             received = b""
@@ -274,8 +298,10 @@ def test_a_trickled_body_gets_408_when_its_whole_time_is_spent(models_dir):
 
 def test_a_refused_body_closes_the_connection_though_the_client_goes_on_sending(small_server):
     with raw_socket(small_server) as connection:
-        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                           b"Transfer-Encoding: chunked\r\n\r\n")
+        connection.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         chunk = b"x" * 100_000
         try:
             for _ in range(15):  # 1.5 MB, over the 1 MB limit
@@ -289,9 +315,11 @@ def test_a_refused_body_closes_the_connection_though_the_client_goes_on_sending(
 def test_a_body_framed_both_ways_is_refused(small_server):
     with raw_socket(small_server) as connection:
         body = b'{"model": "base", "prompt": "Hi", "max_tokens": 1}'
-        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
-                           % (len(body), len(body), body))
+        connection.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+            % (len(body), len(body), body)
+        )
         received, closed = read_until_closed(connection, 5)
         assert received.startswith(b"HTTP/1.1 400") and b"invalid_http" in received and closed
 
@@ -304,10 +332,21 @@ def test_a_client_that_stops_reading_its_stream_is_closed_and_its_generations_st
         host, port = server.url.removeprefix("http://").split(":")
         connection.connect((host, int(port)))
         with connection:
-            body = json.dumps({"model": "base", "prompt": ["Once"] * 16, "n": 8, "max_tokens": 200,
-                               "min_tokens": 200, "stream": True, "logprobs": 5}).encode()
-            connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                               b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            body = json.dumps(
+                {
+                    "model": "base",
+                    "prompt": ["Once"] * 16,
+                    "n": 8,
+                    "max_tokens": 200,
+                    "min_tokens": 200,
+                    "stream": True,
+                    "logprobs": 5,
+                }
+            ).encode()
+            connection.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             wait_until(lambda: engine.in_flight() > 0)
             started = time.monotonic()
             wait_until(lambda: engine.in_flight() == 0 and engine.pending() == 0, seconds=20)
@@ -340,8 +379,14 @@ def test_text_offsets_index_the_reply_text_with_echo_byte_pieces_and_streams(ser
 
 
 def test_usage_counts_each_prompt_once_whatever_n_is(server):
-    usage = [httpx.post(server.url + "/v1/completions", timeout=30, json={
-        "model": "base", "prompt": "The river", "n": n, "max_tokens": 2}).json()["usage"] for n in (1, 3)]
+    usage = [
+        httpx.post(
+            server.url + "/v1/completions",
+            timeout=30,
+            json={"model": "base", "prompt": "The river", "n": n, "max_tokens": 2},
+        ).json()["usage"]
+        for n in (1, 3)
+    ]
     assert usage[0]["prompt_tokens"] == usage[1]["prompt_tokens"] > 0
     assert usage[1]["completion_tokens"] == 3 * usage[0]["completion_tokens"]
 
@@ -367,8 +412,16 @@ def test_dangling_and_looping_model_links_are_reported(models_dir, tmp_path, cap
         hosted.engine._kernel.shutdown()
 
 
-@pytest.mark.parametrize("argv", [["--body-seconds", "inf"], ["--max-generation-seconds", "inf"],
-                                  ["--header-seconds", "nan"], ["--write-seconds", "inf"], ["--port", "99999"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--body-seconds", "inf"],
+        ["--max-generation-seconds", "inf"],
+        ["--header-seconds", "nan"],
+        ["--write-seconds", "inf"],
+        ["--port", "99999"],
+    ],
+)
 def test_flags_that_would_switch_a_limit_off_or_cannot_be_bound_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as ended:
         parse_args(argv)

@@ -62,8 +62,13 @@ def test_any_request_gets_a_well_formed_reply(api_schema, label, mode):
 
     # No shrinking: a failure is reported as found, with a curl line to replay it; shrinking would send
     # hundreds more requests, for minutes.
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck),
-              phases=[Phase.explicit, Phase.generate])
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
+    )
     @given(case=operation.as_strategy(generation_mode=schemathesis.GenerationMode(mode)))
     def fuzz(case):
         check_reply(case)
@@ -75,9 +80,15 @@ def test_valid_requests_reached_generation():
     if not SENT:
         pytest.skip("counts what the fuzz tests above sent in the same session")
     for label in GENERATION_OPERATIONS:
-        statuses = Counter({status: n for (operation, mode, status), n in SENT.items()
-                            if operation == label and mode == "positive"})
+        statuses = Counter(
+            {status: n for (operation, mode, status), n in SENT.items() if operation == label and mode == "positive"}
+        )
         assert statuses[200] >= 5, statuses  # not only refusals: valid input got through to the engine
     lines = [f"| {operation} | {mode} | {status} | {n} |" for (operation, mode, status), n in sorted(SENT.items())]
-    print(f"\nfuzzed requests: {sum(SENT.values())}", "| operation | mode | status | requests |",
-          "|---|---|---:|---:|", *lines, sep="\n")
+    print(
+        f"\nfuzzed requests: {sum(SENT.values())}",
+        "| operation | mode | status | requests |",
+        "|---|---|---:|---:|",
+        *lines,
+        sep="\n",
+    )

@@ -12,9 +12,9 @@ import httpx
 import pytest
 
 from serve.__main__ import parse_args
+from tests.browser import headless_chromium
 from tests.server import RunningServer
 from tests.tiny import make_exports
-from tests.browser import headless_chromium
 
 KEY = "s3cret-key"
 AUTHORIZED = {"Authorization": f"Bearer {KEY}"}
@@ -66,19 +66,29 @@ def wait_until(condition, seconds=3.0):
 
 
 def data_lines(response):
-    return (line[len("data: "):] for line in response.iter_lines() if line.startswith("data: "))
+    return (line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: "))
 
 
 # API key
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Bearer {KEY}x"},
-                                     {"Authorization": f"Basic {KEY}"}, {"Authorization": KEY}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Bearer {KEY}x"},
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": KEY},
+    ],
+)
 def test_every_v1_endpoint_needs_the_api_key(keyed_server, headers):
     url = keyed_server.url
-    for response in (httpx.get(url + "/v1/models", headers=headers),
-                     httpx.post(url + "/v1/completions", json=COMPLETION, headers=headers),
-                     httpx.post(url + "/v1/chat/completions", json=CHAT, headers=headers)):
+    for response in (
+        httpx.get(url + "/v1/models", headers=headers),
+        httpx.post(url + "/v1/completions", json=COMPLETION, headers=headers),
+        httpx.post(url + "/v1/chat/completions", json=CHAT, headers=headers),
+    ):
         assert_error(response, 401, code="invalid_api_key")
 
 
@@ -125,24 +135,33 @@ def test_cors_is_closed_by_default(open_server):
     origin = {"Origin": "https://elsewhere.example"}
     reply = httpx.post(open_server.url + "/v1/completions", json=COMPLETION, headers=origin)
     assert reply.status_code == 200 and "access-control-allow-origin" not in reply.headers
-    preflight = httpx.options(open_server.url + "/v1/completions",
-                              headers={**origin, "Access-Control-Request-Method": "POST"})
+    preflight = httpx.options(
+        open_server.url + "/v1/completions", headers={**origin, "Access-Control-Request-Method": "POST"}
+    )
     assert "access-control-allow-origin" not in preflight.headers
 
 
 def test_a_cross_site_form_post_cannot_drive_the_api(open_server):
     # Any page may send a text/plain POST anywhere without a preflight; the API reads JSON bodies only.
-    response = httpx.post(open_server.url + "/v1/completions", content=json.dumps(COMPLETION),
-                          headers={"Content-Type": "text/plain", "Origin": "https://elsewhere.example"})
+    response = httpx.post(
+        open_server.url + "/v1/completions",
+        content=json.dumps(COMPLETION),
+        headers={"Content-Type": "text/plain", "Origin": "https://elsewhere.example"},
+    )
     assert_error(response, 400)
 
 
 def test_a_cors_origin_lets_that_origin_in_and_no_other(models_dir):
     origin = "https://ui.example"
     with RunningServer(models_dir, api_key=KEY, cors_origins=[origin]) as server:
-        preflight = httpx.options(server.url + "/v1/chat/completions", headers={
-            "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization, content-type"})
+        preflight = httpx.options(
+            server.url + "/v1/chat/completions",
+            headers={
+                "Origin": origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+        )
         assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == origin
         reply = httpx.get(server.url + "/v1/models", headers={**AUTHORIZED, "Origin": origin})
         assert reply.status_code == 200 and reply.headers["access-control-allow-origin"] == origin
@@ -159,14 +178,26 @@ def test_a_cors_origin_lets_that_origin_in_and_no_other(models_dir):
 def test_a_prompt_over_max_prompt_tokens_is_refused_naming_the_field(limited_server):
     url, long_text = limited_server.url, "many words " * 20
     assert httpx.post(url + "/v1/completions", json={**COMPLETION, "prompt": "Hello there"}).status_code == 200
-    error = assert_error(httpx.post(url + "/v1/completions", json={**COMPLETION, "prompt": long_text}), 400,
-                         "prompt", "context_length_exceeded")
+    error = assert_error(
+        httpx.post(url + "/v1/completions", json={**COMPLETION, "prompt": long_text}),
+        400,
+        "prompt",
+        "context_length_exceeded",
+    )
     assert "at most 16" in error["message"]
-    assert_error(httpx.post(url + "/v1/completions", json={**COMPLETION, "prompt": ["Hi", long_text]}), 400,
-                 "prompt.1", "context_length_exceeded")
+    assert_error(
+        httpx.post(url + "/v1/completions", json={**COMPLETION, "prompt": ["Hi", long_text]}),
+        400,
+        "prompt.1",
+        "context_length_exceeded",
+    )
     messages = [{"role": "user", "content": long_text}]
-    assert_error(httpx.post(url + "/v1/chat/completions", json={**CHAT, "messages": messages}), 400,
-                 "messages", "context_length_exceeded")
+    assert_error(
+        httpx.post(url + "/v1/chat/completions", json={**CHAT, "messages": messages}),
+        400,
+        "messages",
+        "context_length_exceeded",
+    )
 
 
 def test_a_text_far_over_the_limit_is_refused_before_it_is_tokenized(limited_server, monkeypatch):
@@ -178,22 +209,26 @@ def test_a_text_far_over_the_limit_is_refused_before_it_is_tokenized(limited_ser
     assert tokenized == []
 
 
-@pytest.mark.parametrize("body, param", [
-    ({**COMPLETION, "max_tokens": 4097}, "max_tokens"),
-    ({**COMPLETION, "min_tokens": 5000}, "min_tokens"),
-    ({**COMPLETION, "prompt": ["x"] * 17}, "prompt"),
-    ({**COMPLETION, "stop": "x" * 65}, "stop"),
-    ({**COMPLETION, "stop": ["ok", ""]}, "stop.1"),
-    ({**COMPLETION, "seed": 2**64}, "seed"),
-    ({**COMPLETION, "model": "m" * 257}, "model"),
-    ({**COMPLETION, "prompt": "\ud800"}, "prompt"),
-    ({**CHAT, "messages": [{"role": "user", "content": "\udfff"}]}, "messages.0.content"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({**COMPLETION, "max_tokens": 4097}, "max_tokens"),
+        ({**COMPLETION, "min_tokens": 5000}, "min_tokens"),
+        ({**COMPLETION, "prompt": ["x"] * 17}, "prompt"),
+        ({**COMPLETION, "stop": "x" * 65}, "stop"),
+        ({**COMPLETION, "stop": ["ok", ""]}, "stop.1"),
+        ({**COMPLETION, "seed": 2**64}, "seed"),
+        ({**COMPLETION, "model": "m" * 257}, "model"),
+        ({**COMPLETION, "prompt": "\ud800"}, "prompt"),
+        ({**CHAT, "messages": [{"role": "user", "content": "\udfff"}]}, "messages.0.content"),
+    ],
+)
 def test_bounds_of_the_schema_are_400s_naming_the_field(open_server, body, param):
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     # json.dumps writes a lone surrogate as the escape "\ud800", which JSON allows and Python reads back.
-    response = httpx.post(open_server.url + path, content=json.dumps(body),
-                          headers={"Content-Type": "application/json"})
+    response = httpx.post(
+        open_server.url + path, content=json.dumps(body), headers={"Content-Type": "application/json"}
+    )
     assert_error(response, 400, param)
 
 
@@ -228,8 +263,9 @@ def test_a_full_queue_gets_429_and_frees_up_when_its_requests_go(models_dir):
             events = data_lines(response)  # (dropping this iterator would close the connection)
             next(events)
             assert engine.pending() == 7  # one generation decodes (max_batch 1), seven wait
-            assert_error(httpx.post(server.url + "/v1/completions", json={**COMPLETION, "n": 2}), 429,
-                         code="queue_full")
+            assert_error(
+                httpx.post(server.url + "/v1/completions", json={**COMPLETION, "n": 2}), 429, code="queue_full"
+            )
         # The stream closed: its generations are cancelled, and no longer count against the queue.
         wait_until(lambda: engine.pending() == 0 and not engine.in_flight())
         assert httpx.post(server.url + "/v1/completions", json={**COMPLETION, "n": 2}).status_code == 200
@@ -256,8 +292,9 @@ def test_a_model_whose_decoding_thread_died_answers_503_and_fails_health(models_
 def recorded_submissions(engine, monkeypatch):
     """The engine's Requests, as they are submitted."""
     submitted, submit = [], engine.submit
-    monkeypatch.setattr(engine, "submit", lambda *args, **kwargs: submitted.append(submit(*args, **kwargs))
-                        or submitted[-1])
+    monkeypatch.setattr(
+        engine, "submit", lambda *args, **kwargs: submitted.append(submit(*args, **kwargs)) or submitted[-1]
+    )
     return submitted
 
 
@@ -317,17 +354,43 @@ def test_a_model_folder_linking_outside_the_models_dir_is_not_loaded(linked_serv
     assert httpx.get(linked_server.url + "/health").json()["models"] == ["alias", "base"]
 
 
-@pytest.mark.parametrize("name", ["escape", "outside", "../outside/chat", "models/../outside/chat", "..", ".", "",
-                                  "base/", "./base", "base/.", "BASE", "base\x00", "%2e%2e%2foutside%2fchat",
-                                  "..%2Foutside%2Fchat", "base%2F..%2F..%2Foutside%2Fchat", "/etc/passwd"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "escape",
+        "outside",
+        "../outside/chat",
+        "models/../outside/chat",
+        "..",
+        ".",
+        "",
+        "base/",
+        "./base",
+        "base/.",
+        "BASE",
+        "base\x00",
+        "%2e%2e%2foutside%2fchat",
+        "..%2Foutside%2Fchat",
+        "base%2F..%2F..%2Foutside%2Fchat",
+        "/etc/passwd",
+    ],
+)
 def test_model_names_never_reach_a_path(linked_server, name):
     response = httpx.post(linked_server.url + "/v1/completions", json={**COMPLETION, "model": name})
     error = assert_error(response, 404, "model", "model_not_found")
     assert str(linked_server.root) not in error["message"]
 
 
-@pytest.mark.parametrize("path", ["/v1/models/..%2F..%2Fetc%2Fpasswd", "/%2e%2e/%2e%2e/etc/passwd",
-                                  "/static/..%2Fapp.py", "/index.html/..%2F..%2Fapp.py", "/v1/..%2Fhealth"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/..%2F..%2Fetc%2Fpasswd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/static/..%2Fapp.py",
+        "/index.html/..%2F..%2Fapp.py",
+        "/v1/..%2Fhealth",
+    ],
+)
 def test_url_paths_reach_no_file(linked_server, path):
     response = httpx.get(linked_server.url + path)
     assert_error(response, 404)
@@ -389,13 +452,15 @@ def test_a_connection_that_sends_no_request_head_is_closed(models_dir):
 def test_a_body_that_does_not_arrive_in_time_gets_408(models_dir):
     with RunningServer(models_dir, body_seconds=0.5) as server:
         head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        received, _ = raw_exchange(server, head + b"Content-Length: 100\r\n\r\n{\"model\":", wait=3)
+        received, _ = raw_exchange(server, head + b'Content-Length: 100\r\n\r\n{"model":', wait=3)
         assert received.startswith(b"HTTP/1.1 408") and b'"error"' in received
 
 
 def test_a_body_declared_over_the_limit_gets_413_before_it_is_sent(open_server):
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Expect: 100-continue\r\nContent-Length: 5000000\r\n\r\n")
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: 5000000\r\n\r\n"
+    )
     received, _ = raw_exchange(open_server, head, wait=2)
     assert received.startswith(b"HTTP/1.1 413") and b"100 Continue" not in received
     assert json.loads(received.split(b"\r\n\r\n", 1)[1])["error"]["message"]
@@ -454,8 +519,10 @@ def test_the_api_docs_need_the_key_when_there_is_one(keyed_server, open_server, 
 
 def test_a_refused_cors_preflight_is_a_json_error(models_dir):
     with RunningServer(models_dir, api_key=KEY, cors_origins=["https://good.example"]) as server:
-        response = httpx.options(server.url + "/v1/models", headers={
-            "Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+        response = httpx.options(
+            server.url + "/v1/models",
+            headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+        )
         assert_error(response, 400, code="cors_refused")
 
 
@@ -469,14 +536,23 @@ def test_thousands_of_messages_are_refused_before_any_tokenizing(open_server, mo
 def test_prompts_are_tokenized_off_the_event_loop(open_server, monkeypatch):
     hosted = open_server.app.state.models["chat"]
     encode, threads = hosted.tokenizer.chat_prompt, []
-    monkeypatch.setattr(hosted.tokenizer, "chat_prompt",
-                        lambda turns: threads.append(threading.current_thread()) or encode(turns))
+    monkeypatch.setattr(
+        hosted.tokenizer, "chat_prompt", lambda turns: threads.append(threading.current_thread()) or encode(turns)
+    )
     assert httpx.post(open_server.url + "/v1/chat/completions", json=CHAT).status_code == 200
     assert threads and threads[0] is not threading.main_thread() and "asyncio" in threads[0].name
 
 
-@pytest.mark.parametrize("flag", [["--max-batch", "0"], ["--max-batch", "-1"], ["--max-connections", "0"],
-                                  ["--header-seconds", "nan"], ["--body-seconds", "-1"]])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--max-batch", "0"],
+        ["--max-batch", "-1"],
+        ["--max-connections", "0"],
+        ["--header-seconds", "nan"],
+        ["--body-seconds", "-1"],
+    ],
+)
 def test_bad_flags_are_refused_naming_them(flag, capsys):
     with pytest.raises(SystemExit):
         parse_args(flag)
@@ -502,18 +578,23 @@ def test_requests_whose_client_left_stop_counting_against_the_queue_at_once(mode
     with RunningServer(models_dir, max_batch=1, max_queue=8) as server:
         engine = server.app.state.models["base"].engine
         long_body = {**COMPLETION, "max_tokens": LONG, "min_tokens": LONG}
-        holder = threading.Thread(target=httpx.post, args=(server.url + "/v1/completions",),
-                                  kwargs={"json": long_body, "timeout": 60})
+        holder = threading.Thread(
+            target=httpx.post, args=(server.url + "/v1/completions",), kwargs={"json": long_body, "timeout": 60}
+        )
         holder.start()
         wait_until(lambda: engine.in_flight() == 1)
-        with httpx.stream("POST", server.url + "/v1/completions", json={**COMPLETION, "n": 7, "stream": True},
-                          timeout=30) as response:
+        with httpx.stream(
+            "POST", server.url + "/v1/completions", json={**COMPLETION, "n": 7, "stream": True}, timeout=30
+        ) as response:
             assert response.status_code == 200
             wait_until(lambda: engine.pending() == 7)
         wait_until(lambda: engine.pending() == 0)
         assert engine.in_flight() == 1  # the long generation still holds the slot
-        waiting = threading.Thread(target=httpx.post, args=(server.url + "/v1/completions",),
-                                   kwargs={"json": {**COMPLETION, "n": 8}, "timeout": 60})
+        waiting = threading.Thread(
+            target=httpx.post,
+            args=(server.url + "/v1/completions",),
+            kwargs={"json": {**COMPLETION, "n": 8}, "timeout": 60},
+        )
         accepted = []
         submit = engine.submit
         engine.submit = lambda *args, **kwargs: accepted.append(1) or submit(*args, **kwargs)

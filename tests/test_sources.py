@@ -17,16 +17,23 @@ C4_FILES = "realnewslike/c4-train.*-of-00512.json.gz"
 
 def _wikipedia_rows(n):
     return [
-        {"id": str(100 + i), "url": f"https://simple.wikipedia.org/wiki?curid={100 + i}", "title": f"Title {i}",
-         "text": f"Article {i} text.\n\nSecond paragraph of article {i}."}
+        {
+            "id": str(100 + i),
+            "url": f"https://simple.wikipedia.org/wiki?curid={100 + i}",
+            "title": f"Title {i}",
+            "text": f"Article {i} text.\n\nSecond paragraph of article {i}.",
+        }
         for i in range(n)
     ]
 
 
 def _c4_rows(start, n):
     return [
-        {"text": f"News item {i}.\nIt happened on a Tuesday.", "timestamp": f"2019-04-{10 + i % 10:02d}T10:00:00Z",
-         "url": f"https://news.example/{i}"}
+        {
+            "text": f"News item {i}.\nIt happened on a Tuesday.",
+            "timestamp": f"2019-04-{10 + i % 10:02d}T10:00:00Z",
+            "url": f"https://news.example/{i}",
+        }
         for i in range(start, start + n)
     ]
 
@@ -95,11 +102,15 @@ def test_unreachable_hub_fails_fast_and_points_to_a_local_folder(tmp_path):
         """
     )
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf-home"),
-               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    env.update(
+        HF_ENDPOINT="http://127.0.0.1:9",
+        HF_HOME=str(tmp_path / "hf-home"),
+        PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]),
+    )
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     assert "SOURCE_ERROR:" in result.stdout, result.stdout + result.stderr
@@ -118,8 +129,9 @@ def test_fetch_file_returns_the_path_of_a_file_in_a_local_folder(tmp_path, make_
 
 
 def test_fetch_file_names_the_missing_file(tmp_path, make_dailydialog):
-    root = make_dailydialog(tmp_path / "dd", {"train": ["Hi . __eou__ Hello . __eou__"],
-                                               "test": ["Hi . __eou__ Hello . __eou__"]})
+    root = make_dailydialog(
+        tmp_path / "dd", {"train": ["Hi . __eou__ Hello . __eou__"], "test": ["Hi . __eou__ Hello . __eou__"]}
+    )
     with pytest.raises(SourceError) as info:
         fetch_file(str(root), "dialog.source", "validation.zip")
     assert "validation.zip" in str(info.value)
@@ -140,4 +152,3 @@ def test_is_hub_id_tells_hub_ids_from_local_folders(tmp_path, monkeypatch):
     assert not is_hub_id("./wikimedia/wikipedia")
     assert not is_hub_id(str(tmp_path / "absolute"))
     assert not is_hub_id("folder")
-

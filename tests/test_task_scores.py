@@ -14,17 +14,33 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from model.task_scores import (SUITE, TaskScoresError, check_export, choose_items, fits_context, load_scorer,
-                               load_suite, load_task, score_model, scoring_tokenizer, stock_tasks)
 from model.params import TaskSourcesParams
-from model.tokenizer import END_OF_TEXT_ID
+from model.special_tokens import END_OF_TEXT_ID
+from model.task_scores import (
+    SUITE,
+    TaskScoresError,
+    check_export,
+    choose_items,
+    fits_context,
+    load_scorer,
+    load_suite,
+    load_task,
+    score_model,
+    scoring_tokenizer,
+    stock_tasks,
+)
 from stages.task_scores import main
 from tests.server import RunningServer
 from tests.tiny import make_exports
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLE_SOURCES = {"blimp": "blimp", "lambada_openai": "lambada_openai", "piqa": "piqa", "arc_easy": "ai2_arc",
-                  "hellaswag": "hellaswag"}
+SAMPLE_SOURCES = {
+    "blimp": "blimp",
+    "lambada_openai": "lambada_openai",
+    "piqa": "piqa",
+    "arc_easy": "ai2_arc",
+    "hellaswag": "hellaswag",
+}
 # What the bundled sets hold: items per task, and BLiMP's paradigms per linguistic field.
 SAMPLE_ITEMS = {"blimp": 12, "lambada_openai": 6, "piqa": 6, "arc_easy": 6, "hellaswag": 6}
 SAMPLE_FIELDS = {"morphology": 2, "semantics": 1}
@@ -131,8 +147,11 @@ def _sources(**overrides):
 def test_a_task_with_no_item_that_fits_the_context_is_an_error(tokenizer_model_file, tokenizer, tmp_path):
     short = make_exports(tmp_path, tokenizer_model_file, tokenizer.vocab_size, context_length=16)
     scorer = load_scorer(short["base"], 4, "cpu")
-    with pytest.raises(TaskScoresError, match="task_scores.tasks.lambada_openai: '.*' has no item of lm-eval's "
-                                              "lambada_openai that fits the model's context of 16 tokens"):
+    with pytest.raises(
+        TaskScoresError,
+        match="task_scores.tasks.lambada_openai: '.*' has no item of lm-eval's "
+        "lambada_openai that fits the model's context of 16 tokens",
+    ):
         score_model(scorer, load_suite(_sources()), 0, 1)
 
 
@@ -147,8 +166,10 @@ def test_a_source_without_the_config_the_task_reads_is_named(tmp_path):
     readme.write_text(readme.read_text().replace("ARC-Easy", "ARC-Challenge"))
     with pytest.raises(TaskScoresError) as error:
         load_suite(_sources(arc_easy=str(folder)))
-    assert str(error.value) == (f"task_scores.tasks.arc_easy: '{folder}' has no config 'ARC-Easy' (lm-eval's arc_easy "
-                                f"reads it); its configs: ARC-Challenge")
+    assert str(error.value) == (
+        f"task_scores.tasks.arc_easy: '{folder}' has no config 'ARC-Easy' (lm-eval's arc_easy "
+        f"reads it); its configs: ARC-Challenge"
+    )
 
 
 def test_a_source_without_the_split_the_task_scores_is_named(tmp_path):
@@ -157,8 +178,10 @@ def test_a_source_without_the_split_the_task_scores_is_named(tmp_path):
     readme.write_text(readme.read_text().replace("split: test", "split: validation"))
     with pytest.raises(TaskScoresError) as error:
         load_suite(_sources(lambada_openai=str(folder)))
-    assert str(error.value) == (f"task_scores.tasks.lambada_openai: '{folder}' has no split 'test' in config 'default' "
-                                f"(lm-eval's lambada_openai scores it); its splits: validation")
+    assert str(error.value) == (
+        f"task_scores.tasks.lambada_openai: '{folder}' has no split 'test' in config 'default' "
+        f"(lm-eval's lambada_openai scores it); its splits: validation"
+    )
 
 
 def test_a_config_that_is_no_blimp_paradigm_is_named(tmp_path):
@@ -166,8 +189,10 @@ def test_a_config_that_is_no_blimp_paradigm_is_named(tmp_path):
     (folder / "determiner_noun_agreement_1").rename(folder / "noun_agreement")
     readme = folder / "README.md"
     readme.write_text(readme.read_text().replace("determiner_noun_agreement_1", "noun_agreement"))
-    with pytest.raises(TaskScoresError, match=f"task_scores.tasks.blimp: '{folder}' has configs that are not "
-                                              f"lm-eval blimp paradigms: noun_agreement"):
+    with pytest.raises(
+        TaskScoresError,
+        match=f"task_scores.tasks.blimp: '{folder}' has configs that are not lm-eval blimp paradigms: noun_agreement",
+    ):
         load_suite(_sources(blimp=str(folder)))
 
 
@@ -176,8 +201,10 @@ def test_a_task_that_fails_inside_lm_eval_is_named_with_its_source(tmp_path):
     folder.mkdir()
     table = pa.table({"question": ["Q?"], "sol1": ["a"], "sol2": ["b"], "label": [0]})  # `goal` is missing
     pq.write_table(table, folder / "piqa_validation.parquet")
-    with pytest.raises(TaskScoresError, match=f"task_scores.tasks.piqa: '{folder}' failed in lm-eval while loading "
-                                              f"its piqa task \\(.*goal"):
+    with pytest.raises(
+        TaskScoresError,
+        match=f"task_scores.tasks.piqa: '{folder}' failed in lm-eval while loading its piqa task \\(.*goal",
+    ):
         load_suite(_sources(piqa=str(folder)))
 
 
@@ -190,12 +217,27 @@ def test_the_stage_reports_a_missing_source_in_one_line_and_writes_no_metrics(ex
     missing = tmp_path / "no-such-folder"
     write_params(tmp_path, hellaswag=str(missing))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "stages.task_scores", str(exports["base"].parent),
-                             "metrics/task_scores.json", "metrics/task_scores"], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.task_scores",
+            str(exports["base"].parent),
+            "metrics/task_scores.json",
+            "metrics/task_scores",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        f"error: task_scores.tasks.hellaswag: local folder '{missing}' does not exist")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: task_scores.tasks.hellaswag: local folder '{missing}' does not exist")
+    )
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "metrics").exists()
 
@@ -218,8 +260,11 @@ def test_a_failure_on_the_second_model_writes_no_file(exports, tokenizer_model_f
 
 def _per_item_loglikelihoods(results):
     """{(leaf task, item): [(log-likelihood, is greedy) of each of its requests]} of lm-eval's logged samples."""
-    return {(leaf, sample["doc_id"]): [tuple(response) for response in sample["filtered_resps"]]
-            for leaf, samples in results["samples"].items() for sample in samples}
+    return {
+        (leaf, sample["doc_id"]): [tuple(response) for response in sample["filtered_resps"]]
+        for leaf, samples in results["samples"].items()
+        for sample in samples
+    }
 
 
 @pytest.mark.parametrize("task", ["blimp", "arc_easy"])  # BLiMP's items have no context: lm-eval's prefix token
@@ -229,19 +274,26 @@ def test_lm_eval_scores_the_server_as_its_hf_model_scores_the_export(exports, ta
     the accuracy, that lm-eval's `hf` model gives on the same export, fed the same tokens."""
     with RunningServer(exports["base"].parent, precision="fp32") as server:
         served = lm_eval.simple_evaluate(
-            model="local-completions", tasks=[load_task(task, sample_source(task)).spec], task_manager=stock_tasks(),
+            model="local-completions",
+            tasks=[load_task(task, sample_source(task)).spec],
+            task_manager=stock_tasks(),
             model_args={"model": "base", "base_url": f"{server.url}/v1/completions", "max_length": 128},
-            log_samples=True)
+            log_samples=True,
+        )
     # lm-eval sends a server the token ids of a context as they are; its hf model adds the base tokenizer's
     # <|endoftext|> unless told not to.
     exported = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": str(exports["base"]), "dtype": "float32", "device": "cpu",
-                                "add_bos_token": False},
-        tasks=[load_task(task, sample_source(task)).spec], task_manager=stock_tasks(), log_samples=True)
+        model="hf",
+        model_args={"pretrained": str(exports["base"]), "dtype": "float32", "device": "cpu", "add_bos_token": False},
+        tasks=[load_task(task, sample_source(task)).spec],
+        task_manager=stock_tasks(),
+        log_samples=True,
+    )
     ours, theirs = _per_item_loglikelihoods(served), _per_item_loglikelihoods(exported)
     assert ours.keys() == theirs.keys() and len(ours) == SAMPLE_ITEMS[task]
     for item, responses in theirs.items():
         assert [greedy for _, greedy in ours[item]] == [greedy for _, greedy in responses], item
         assert [ll for ll, _ in ours[item]] == pytest.approx([ll for ll, _ in responses], abs=1e-3), item
     assert {leaf: result["acc,none"] for leaf, result in served["results"].items() if "acc,none" in result} == {
-        leaf: result["acc,none"] for leaf, result in exported["results"].items() if "acc,none" in result}
+        leaf: result["acc,none"] for leaf, result in exported["results"].items() if "acc,none" in result
+    }

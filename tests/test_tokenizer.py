@@ -6,20 +6,11 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from model.dialog import ASSISTANT, END_OF_TEXT, USER, render_chat
-from model.encoding import TOKEN_DTYPE, encode_dialogues, load_dialogues, load_meta, write_token_folder
-from model.tokenizer import (
-    ASSISTANT_ID,
-    END_OF_TEXT_ID,
-    UNK_ID,
-    USER_ID,
-    CorpusTooSmallError,
-    Tokenizer,
-    VocabularyMismatchError,
-    check_same_vocabulary,
-    sample_sentences,
-    train_bpe,
-)
+from model.dialog import render_chat
+from model.encoding import encode_dialogues, write_token_folder
+from model.special_tokens import ASSISTANT, ASSISTANT_ID, END_OF_TEXT, END_OF_TEXT_ID, UNK_ID, USER, USER_ID
+from model.token_arrays import TOKEN_DTYPE, VocabularyMismatchError, check_same_vocabulary, load_dialogues, load_meta
+from model.tokenizer import CorpusTooSmallError, Tokenizer, sample_sentences, train_bpe
 from tests import tiny
 
 VARIED_TEXTS = [
@@ -56,7 +47,6 @@ def test_special_tokens_have_their_fixed_ids(tokenizer):
     assert sp.piece_to_id(END_OF_TEXT) == END_OF_TEXT_ID == 1
     assert sp.piece_to_id(USER) == USER_ID == 2
     assert sp.piece_to_id(ASSISTANT) == ASSISTANT_ID == 3
-    assert tokenizer.eot_id == END_OF_TEXT_ID
 
 
 def test_role_strings_in_text_encode_to_their_single_ids(tokenizer):
@@ -204,8 +194,9 @@ def test_train_bpe_on_an_empty_corpus_raises_corpus_too_small():
 
 def test_tokenizer_rejects_a_model_without_the_project_special_tokens(sample_lines, tmp_path):
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sample_lines), model_writer=model, model_type="bpe",
-                                   vocab_size=600, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sample_lines), model_writer=model, model_type="bpe", vocab_size=600, minloglevel=2
+    )
     path = tmp_path / "foreign.model"
     path.write_bytes(model.getvalue())
     with pytest.raises(ValueError, match="not a tokenizer of this project"):
@@ -228,9 +219,11 @@ def test_sample_sentences_keeps_everything_under_the_limit():
 
 def test_a_model_of_another_vocabulary_is_refused_naming_both_files(tokenizer_model_file, tokenizer):
     path = tokenizer_model_file
-    check_same_vocabulary(tokenizer, path, tiny.tiny_config(vocab_size=tokenizer.vocab_size), "models/x")
+    check_same_vocabulary(tokenizer.vocab_size, path, tiny.tiny_config(vocab_size=tokenizer.vocab_size), "models/x")
     with pytest.raises(VocabularyMismatchError) as info:
-        check_same_vocabulary(tokenizer, path, tiny.tiny_config(vocab_size=tokenizer.vocab_size + 1), "models/x")
+        check_same_vocabulary(
+            tokenizer.vocab_size, path, tiny.tiny_config(vocab_size=tokenizer.vocab_size + 1), "models/x"
+        )
     assert "models/x" in str(info.value) and str(path) in str(info.value)
 
 

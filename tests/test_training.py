@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +23,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # as a torchrun worker script
     sys.path.insert(0, str(REPO_ROOT))
 
+from model.batches import batch_rng, dialogue_batch, pretraining_batch  # noqa: E402
 from model.encoding import encode_dialogues  # noqa: E402
+from model.evaluation import evaluation_windows, mean_loss  # noqa: E402
 from model.gpt import IGNORE_INDEX, load_model  # noqa: E402
 from model.params import TrainParams  # noqa: E402
-from model.tokenizer import ASSISTANT_ID, END_OF_TEXT_ID, USER_ID  # noqa: E402
-from model.batches import batch_rng, dialogue_batch, pretraining_batch  # noqa: E402
-from model.evaluation import evaluation_windows, mean_loss  # noqa: E402
+from model.special_tokens import ASSISTANT_ID, END_OF_TEXT_ID, USER_ID  # noqa: E402
 from model.training import (  # noqa: E402
     CPUMuon,
     RunPaths,
@@ -89,10 +88,29 @@ def markov_chain(n_tokens, seed, table_seed=0):
 
 
 def train_params(**overrides):
-    values = dict(steps=8, batch_size=4, grad_accum=1, optimizer="adamw", lr=1e-2, embed_lr=1e-2, matrix_lr=2e-2,
-                  schedule="cosine", min_lr=1e-3, warmup_steps=2, decay_fraction=0.5, weight_decay=0.1,
-                  beta1=0.9, beta2=0.95, grad_clip=1.0, log_every=2, eval_every=4, eval_batches=2,
-                  checkpoint_every=4, device="cpu", bf16=False, compile=False)
+    values = dict(
+        steps=8,
+        batch_size=4,
+        grad_accum=1,
+        optimizer="adamw",
+        lr=1e-2,
+        embed_lr=1e-2,
+        matrix_lr=2e-2,
+        schedule="cosine",
+        min_lr=1e-3,
+        warmup_steps=2,
+        decay_fraction=0.5,
+        weight_decay=0.1,
+        beta1=0.9,
+        beta2=0.95,
+        grad_clip=1.0,
+        log_every=2,
+        eval_every=4,
+        eval_batches=2,
+        device="cpu",
+        bf16=False,
+        compile=False,
+    )
     values.update(overrides)
     return TrainParams(**values)
 
@@ -104,13 +122,33 @@ def chain_sampler(tokens, params, seed=0, context=CONTEXT):
     return sample_batch
 
 
-def run_train(run_dir, model, params, sample_batch, evaluate=None, identity=None, runtime=None, unique_tokens=4000):
+def run_train(
+    run_dir,
+    model,
+    params,
+    sample_batch,
+    evaluate=None,
+    identity=None,
+    runtime=None,
+    unique_tokens=4000,
+    checkpoint_every=4,
+):
     """train() with its outputs under `run_dir`; returns the final metrics."""
     run_dir = Path(run_dir)
     identity = identity if identity is not None else checkpoint_identity(model.config, params, 0, {"data": "chain"})
     paths = RunPaths(run_dir / "checkpoint.safetensors", run_dir / "live", run_dir / "model")
-    return train(model, params, sample_batch=sample_batch, evaluate=evaluate or (lambda model: {}), paths=paths,
-                 identity=identity, unique_tokens=unique_tokens, desc="test", runtime=runtime)
+    return train(
+        model,
+        params,
+        sample_batch=sample_batch,
+        evaluate=evaluate or (lambda model: {}),
+        paths=paths,
+        identity=identity,
+        unique_tokens=unique_tokens,
+        checkpoint_every=checkpoint_every,
+        desc="test",
+        runtime=runtime,
+    )
 
 
 def assert_same_weights(a, b):
@@ -124,8 +162,9 @@ def assert_same_weights(a, b):
 
 RECIPES = {
     "adamw-cosine": dict(optimizer="adamw", schedule="cosine", lr=3e-2, min_lr=3e-3),
-    "muon-wsd": dict(optimizer="muon", schedule="wsd", lr=3e-2, embed_lr=3e-2, matrix_lr=5e-2, min_lr=0.0,
-                     decay_fraction=0.4),
+    "muon-wsd": dict(
+        optimizer="muon", schedule="wsd", lr=3e-2, embed_lr=3e-2, matrix_lr=5e-2, min_lr=0.0, decay_fraction=0.4
+    ),
 }
 
 
@@ -138,10 +177,13 @@ def test_training_loss_falls_to_the_entropy_floor_of_a_markov_chain(tmp_path, re
         return {"val/loss": mean_loss(model, batches, CPU)}
 
     model = tiny_model(seed=3)
-    params = train_params(steps=60, batch_size=32, warmup_steps=5, weight_decay=0.0,
-                          log_every=10, eval_every=60, checkpoint_every=60, **RECIPES[recipe])
+    params = train_params(
+        steps=60, batch_size=32, warmup_steps=5, weight_decay=0.0, log_every=10, eval_every=60, **RECIPES[recipe]
+    )
     initial = evaluate(model)["val/loss"]
-    final = run_train(tmp_path, model, params, chain_sampler(train_tokens, params), evaluate)["val/loss"]
+    final = run_train(tmp_path, model, params, chain_sampler(train_tokens, params), evaluate, checkpoint_every=60)[
+        "val/loss"
+    ]
     floor = math.log(2)
     assert initial > math.log(VOCAB) - 0.5  # an untrained model is near uniform
     assert final < initial - 3.0
@@ -205,8 +247,17 @@ def test_wsd_with_decay_fraction_one_decays_from_the_start():
 
 def test_every_group_follows_the_schedule_from_its_own_peak():
     model = tiny_model(tie_embeddings=False)
-    params = train_params(optimizer="muon", schedule="wsd", steps=10, warmup_steps=0, lr=1e-3, embed_lr=5e-3,
-                          matrix_lr=2e-2, min_lr=1e-4, decay_fraction=0.5)
+    params = train_params(
+        optimizer="muon",
+        schedule="wsd",
+        steps=10,
+        warmup_steps=0,
+        lr=1e-3,
+        embed_lr=5e-3,
+        matrix_lr=2e-2,
+        min_lr=1e-4,
+        decay_fraction=0.5,
+    )
     optimizers = build_optimizers(model, params)
     set_learning_rates(optimizers, lr_multiplier(9, params))
     rates = sorted(group["lr"] for optimizer in optimizers.values() for group in optimizer.param_groups)
@@ -228,8 +279,9 @@ def test_muon_gets_the_hidden_matrices_and_adamw_everything_else_once(tied):
     assert muon and all(p.dim() == 2 for p in muon)
     block_matrices = {id(p) for layer in model.layers for p in layer.parameters() if p.dim() == 2}
     assert {id(p) for p in muon} == block_matrices
-    assert model.embed.weight in adamw and all(p.dim() == 1 for p in adamw if p is not model.embed.weight
-                                                   and p is not model.lm_head.weight)
+    assert model.embed.weight in adamw and all(
+        p.dim() == 1 for p in adamw if p is not model.embed.weight and p is not model.lm_head.weight
+    )
     everything = [id(p) for p in muon + adamw]
     assert sorted(everything) == sorted(id(p) for p in model.parameters())  # each exactly once
 
@@ -263,19 +315,26 @@ def test_the_accelerator_path_compile_bf16_and_fused_adamw_trains_on_cpu(tmp_pat
     """torch.compile, bf16 autocast and the fused AdamW kernel are what a GPU run uses: run them here so
     they cannot break unseen."""
     tokens = markov_chain(4000, seed=1)
-    params = train_params(optimizer="muon", schedule="wsd", steps=6, log_every=2, eval_every=6, checkpoint_every=6)
+    params = train_params(optimizer="muon", schedule="wsd", steps=6, log_every=2, eval_every=6)
     heldout = list(evaluation_windows(markov_chain(1000, seed=2), 2, 4, CONTEXT))
     model = tiny_model(seed=0)
     initial = mean_loss(model, heldout, CPU)
     runtime = Runtime(CPU, 0, 1, compile=True, bf16=True, fused=True)
-    metrics = run_train(tmp_path, model, params, chain_sampler(tokens, params),
-                        lambda m: {"val/loss": mean_loss(m, heldout, CPU)}, runtime=runtime)
+    metrics = run_train(
+        tmp_path,
+        model,
+        params,
+        chain_sampler(tokens, params),
+        lambda m: {"val/loss": mean_loss(m, heldout, CPU)},
+        runtime=runtime,
+        checkpoint_every=6,
+    )
     assert metrics["val/loss"] < initial - 0.3
     assert load_model(tmp_path / "model").weights().keys() == model.weights().keys()
 
 
 def test_epochs_are_logged_as_tokens_trained_over_unique_tokens(tmp_path):
-    params = train_params(steps=4, log_every=2, eval_every=4, checkpoint_every=4)
+    params = train_params(steps=4, log_every=2, eval_every=4)
     run_train(tmp_path, tiny_model(), params, chain_sampler(markov_chain(2000, seed=1), params), unique_tokens=256)
     with safe_open(tmp_path / "checkpoint.safetensors", framework="pt") as f:
         rows = json.loads(f.metadata()["history"])
@@ -312,16 +371,69 @@ def test_evaluation_windows_on_too_short_a_split_name_the_context_length():
 
 # --- the finetune loss mask ------------------------------------------------------------------------
 
-SUBJECTS = ["The old baker", "My cousin", "A tired pilot", "Our neighbour", "The young painter", "Every student",
-            "That quiet farmer", "The museum guide", "A clever fox", "Her brother", "The night nurse",
-            "Some musicians", "The river captain", "A curious child", "The shop owner"]
-VERBS = ["carried", "painted", "borrowed", "repaired", "forgot", "described", "ordered", "found", "sold",
-         "cleaned", "measured", "hid", "wrapped", "followed", "watched"]
-OBJECTS = ["a basket of pears", "the blue bicycle", "three wooden chairs", "an umbrella", "the morning paper",
-           "a map of the valley", "two loaves of bread", "the broken clock", "a jar of honey", "the garden gate",
-           "seven paper lanterns", "a winter coat", "the kitchen table", "an old violin", "a box of nails"]
-ENDINGS = ["yesterday.", "before lunch.", "after the storm.", "at the market.", "on Sunday.", "for the party.",
-           "without a word.", "near the station.", "in the rain.", "by the lake."]
+SUBJECTS = [
+    "The old baker",
+    "My cousin",
+    "A tired pilot",
+    "Our neighbour",
+    "The young painter",
+    "Every student",
+    "That quiet farmer",
+    "The museum guide",
+    "A clever fox",
+    "Her brother",
+    "The night nurse",
+    "Some musicians",
+    "The river captain",
+    "A curious child",
+    "The shop owner",
+]
+VERBS = [
+    "carried",
+    "painted",
+    "borrowed",
+    "repaired",
+    "forgot",
+    "described",
+    "ordered",
+    "found",
+    "sold",
+    "cleaned",
+    "measured",
+    "hid",
+    "wrapped",
+    "followed",
+    "watched",
+]
+OBJECTS = [
+    "a basket of pears",
+    "the blue bicycle",
+    "three wooden chairs",
+    "an umbrella",
+    "the morning paper",
+    "a map of the valley",
+    "two loaves of bread",
+    "the broken clock",
+    "a jar of honey",
+    "the garden gate",
+    "seven paper lanterns",
+    "a winter coat",
+    "the kitchen table",
+    "an old violin",
+    "a box of nails",
+]
+ENDINGS = [
+    "yesterday.",
+    "before lunch.",
+    "after the storm.",
+    "at the market.",
+    "on Sunday.",
+    "for the party.",
+    "without a word.",
+    "near the station.",
+    "in the rain.",
+    "by the lake.",
+]
 
 
 def made_up_sentences(n, seed):
@@ -338,8 +450,10 @@ def dialogues():
     """20 dialogues of 2 to 5 turns (some end on the user, some on the assistant)."""
     sentences = made_up_sentences(120, seed=1)
     rng = np.random.default_rng(2)
-    return [[sentences[i] for i in rng.choice(len(sentences), size=int(rng.integers(2, 6)), replace=False)]
-            for _ in range(20)]
+    return [
+        [sentences[i] for i in rng.choice(len(sentences), size=int(rng.integers(2, 6)), replace=False)]
+        for _ in range(20)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -353,8 +467,7 @@ def dialogue_ids(arrays, index):
     return tokens[offsets[index] : offsets[index + 1]].astype(np.int64)
 
 
-def test_dialogue_batch_targets_are_the_next_token_exactly_on_assistant_replies(
-        tokenizer, dialogues, dialogue_arrays):
+def test_dialogue_batch_targets_are_the_next_token_exactly_on_assistant_replies(tokenizer, dialogues, dialogue_arrays):
     picks = np.arange(len(dialogues))
     inputs, targets = dialogue_batch(*dialogue_arrays, picks, context_length=512)
     for row, pick in enumerate(picks):
@@ -437,7 +550,7 @@ def test_dialogue_batch_cuts_only_dialogues_longer_than_the_context():
     for seed in range(5):
         inputs, targets = dialogue_batch(tokens, mask, offsets, [0, 1, 2], context, np.random.default_rng(seed))
         assert inputs.shape == (3, context)
-        assert inputs[0].tolist() == tokens[: context].tolist()  # whole, not cut
+        assert inputs[0].tolist() == tokens[:context].tolist()  # whole, not cut
         assert targets[0].tolist() == tokens[1 : context + 1].tolist()
         start = int(inputs[1, 0]) - int(tokens[offsets[1]])
         assert start in (0, 1)  # a window of context + 1 tokens inside the 10-token dialogue
@@ -480,8 +593,7 @@ def _resume_runs(tmp_path_factory, optimizer):
     tokens = markov_chain(4000, seed=1)
     heldout = list(evaluation_windows(markov_chain(1000, seed=2), 2, 4, CONTEXT))
     schedule = "cosine" if optimizer == "adamw" else "wsd"
-    params = train_params(steps=8, grad_accum=2, checkpoint_every=4, eval_every=4, log_every=2, optimizer=optimizer,
-                          schedule=schedule)
+    params = train_params(steps=8, grad_accum=2, eval_every=4, log_every=2, optimizer=optimizer, schedule=schedule)
     sample_batch = chain_sampler(tokens, params)
 
     def evaluate(model):
@@ -499,9 +611,14 @@ def _resume_runs(tmp_path_factory, optimizer):
     resumed = tiny_model(seed=99)  # a different initialisation: the weights must come from the checkpoint
     resumed_metrics = run_train(resumed_dir, resumed, params, sample_batch, evaluate)
     return {
-        "straight": straight, "resumed": resumed, "interrupted_metadata": interrupted_metadata,
-        "straight_metrics": straight_metrics, "resumed_metrics": resumed_metrics,
-        "straight_dir": straight_dir, "resumed_dir": resumed_dir, "optimizer": optimizer,
+        "straight": straight,
+        "resumed": resumed,
+        "interrupted_metadata": interrupted_metadata,
+        "straight_metrics": straight_metrics,
+        "resumed_metrics": resumed_metrics,
+        "straight_dir": straight_dir,
+        "resumed_dir": resumed_dir,
+        "optimizer": optimizer,
     }
 
 
@@ -512,8 +629,10 @@ def test_an_interrupted_run_leaves_an_unfinished_checkpoint_at_the_last_checkpoi
 
 def test_resumed_run_ends_with_the_bit_identical_weights_of_an_uninterrupted_run(resume_runs):
     assert_same_weights(resume_runs["resumed"].state_dict(), resume_runs["straight"].state_dict())
-    assert_same_weights(load_file(resume_runs["resumed_dir"] / "model" / "model.safetensors"),
-                        load_file(resume_runs["straight_dir"] / "model" / "model.safetensors"))
+    assert_same_weights(
+        load_file(resume_runs["resumed_dir"] / "model" / "model.safetensors"),
+        load_file(resume_runs["straight_dir"] / "model" / "model.safetensors"),
+    )
 
 
 def test_checkpoints_hold_every_optimizer_state(resume_runs):
@@ -538,24 +657,22 @@ def test_resumed_run_logs_the_same_history_as_an_uninterrupted_run(resume_runs):
 
 def test_unfinished_checkpoint_from_different_params_is_an_error_naming_the_key(tmp_path):
     tokens = markov_chain(2000, seed=1)
-    params = train_params(steps=8, checkpoint_every=2)
+    params = train_params(steps=8)
     with pytest.raises(Interrupted):
-        run_train(tmp_path, tiny_model(), params, interrupt_at(chain_sampler(tokens, params), 3))
-    changed = replace(params, lr=5e-3)
+        run_train(tmp_path, tiny_model(), params, interrupt_at(chain_sampler(tokens, params), 3), checkpoint_every=2)
+    changed = params.model_copy(update={"lr": 5e-3})
     with pytest.raises(TrainingError, match=r"train\.lr") as info:
         run_train(tmp_path, tiny_model(), changed, chain_sampler(tokens, changed))
     assert "unfinished" in str(info.value)
 
 
-def test_unfinished_run_resumes_after_checkpoint_every_changes(tmp_path):
+def test_unfinished_run_resumes_after_checkpoint_every_changes(tmp_path, capsys):
     tokens = markov_chain(2000, seed=1)
-    params = train_params(steps=8, checkpoint_every=2)
+    params = train_params(steps=8)
     with pytest.raises(Interrupted):
-        run_train(tmp_path, tiny_model(), params, interrupt_at(chain_sampler(tokens, params), 3))
-    changed = replace(params, checkpoint_every=4)
-    identity = checkpoint_identity(tiny_model().config, changed, 0, {"data": "chain"})
-    optimizers = build_optimizers(tiny_model(), changed)
-    assert resume_state(tmp_path / "checkpoint.safetensors", identity, tiny_model(), optimizers)[0] == 2
+        run_train(tmp_path, tiny_model(), params, interrupt_at(chain_sampler(tokens, params), 3), checkpoint_every=2)
+    run_train(tmp_path, tiny_model(), params, chain_sampler(tokens, params), checkpoint_every=4)
+    assert "resuming from step 2" in capsys.readouterr().out
 
 
 def test_finished_checkpoint_is_not_resumed(tmp_path):
@@ -572,7 +689,7 @@ def test_finished_checkpoint_is_not_resumed(tmp_path):
 
 def test_non_finite_loss_is_an_error_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     tokens = markov_chain(2000, seed=1)
-    params = train_params(steps=8, checkpoint_every=2)
+    params = train_params(steps=8)
     model = tiny_model()
     forward = model.forward
     poisoned_from = 3
@@ -587,7 +704,7 @@ def test_non_finite_loss_is_an_error_naming_the_step_and_keeps_the_last_good_che
 
     model.forward = poisoned_forward
     with pytest.raises(TrainingError, match=rf"step {poisoned_from}\b"):
-        run_train(tmp_path, model, params, sample_batch)
+        run_train(tmp_path, model, params, sample_batch, checkpoint_every=2)
     checkpoint = tmp_path / "checkpoint.safetensors"
     with safe_open(checkpoint, framework="pt") as f:
         metadata = f.metadata()
@@ -599,13 +716,22 @@ def test_non_finite_loss_is_an_error_naming_the_step_and_keeps_the_last_good_che
 # --- DDP on gloo -----------------------------------------------------------------------------------
 
 DDP_STEPS = 4
+DDP_CHECKPOINT_EVERY = 2
 
 
 def ddp_setup(optimizer):
     """Model, params and sample_batch of the DDP comparison; masks leave the two halves of each
     micro-batch with different numbers of target tokens, so the per-process weighting matters."""
-    params = train_params(steps=DDP_STEPS, batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=1, optimizer=optimizer,
-                          checkpoint_every=2, log_every=2, eval_every=DDP_STEPS)
+    params = train_params(
+        steps=DDP_STEPS,
+        batch_size=4,
+        grad_accum=2,
+        lr=3e-3,
+        warmup_steps=1,
+        optimizer=optimizer,
+        log_every=2,
+        eval_every=DDP_STEPS,
+    )
     tokens = markov_chain(4000, seed=1)
     plain = chain_sampler(tokens, params)
 
@@ -623,8 +749,10 @@ def ddp_worker(out_dir, optimizer):
     """One process of the DDP run (under torchrun): trains, then writes its own final weights."""
     torch.set_num_threads(1)
     model, params, sample_batch = ddp_setup(optimizer)
-    run_train(out_dir, model, params, sample_batch)
-    save_file({k: v.contiguous() for k, v in model.weights().items()}, Path(out_dir) / f"rank{os.environ['RANK']}.safetensors")
+    run_train(out_dir, model, params, sample_batch, checkpoint_every=DDP_CHECKPOINT_EVERY)
+    save_file(
+        {k: v.contiguous() for k, v in model.weights().items()}, Path(out_dir) / f"rank{os.environ['RANK']}.safetensors"
+    )
 
 
 def free_port():
@@ -640,13 +768,25 @@ def test_two_gloo_processes_train_like_one_process_with_the_same_global_batch(tm
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "DVC_NO_ANALYTICS": "1"}
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), __file__, str(ddp_dir), optimizer]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        __file__,
+        str(ddp_dir),
+        optimizer,
+    ]
     result = subprocess.run(command, cwd=ddp_dir, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     model, params, sample_batch = ddp_setup(optimizer)
-    run_train(tmp_path / "single", model, params, sample_batch)
+    run_train(tmp_path / "single", model, params, sample_batch, checkpoint_every=DDP_CHECKPOINT_EVERY)
     single = model.weights()
     rank0, rank1 = load_file(ddp_dir / "rank0.safetensors"), load_file(ddp_dir / "rank1.safetensors")
     assert_same_weights(rank0, rank1)  # the replicas stay in step

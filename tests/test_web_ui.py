@@ -35,8 +35,9 @@ def send(browser, text):
     box.clear()
     box.send_keys(text)
     browser.find_element(By.ID, "send").click()
-    WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "send").is_enabled()
-                                     and b.find_elements(By.CSS_SELECTOR, ".output"))
+    WebDriverWait(browser, 30).until(
+        lambda b: b.find_element(By.ID, "send").is_enabled() and b.find_elements(By.CSS_SELECTOR, ".output")
+    )
 
 
 def test_page_lists_the_models_and_shows_the_reference_controls(page):
@@ -91,8 +92,7 @@ def test_a_ten_turn_chat_keeps_going_past_the_context(page, tmp_path):
     for control, value in (("min-tokens", "3"), ("max-tokens", "40")):
         page.find_element(By.ID, control).clear()
         page.find_element(By.ID, control).send_keys(value)
-    questions = [f"Question number {i}: what do you think about the river and the old stone bridge?" for i in
-                 range(10)]
+    questions = [f"Question number {i}: what do you think about the river and the old stone bridge?" for i in range(10)]
     for question in questions:
         send(page, question)
         assert page.find_element(By.ID, "error").text == ""
@@ -102,8 +102,9 @@ def test_a_ten_turn_chat_keeps_going_past_the_context(page, tmp_path):
     assert notes and "no longer fit the model's context of 128 tokens" in notes[-1]
     # What the user sees: both kinds of bubble drawn, and the newest reply scrolled into view.
     last = page.find_elements(By.CSS_SELECTOR, ".turn.assistant")[-1]
-    assert page.execute_script("const r = arguments[0].getBoundingClientRect(); "
-                               "return r.bottom <= window.innerHeight && r.top >= 0;", last)
+    assert page.execute_script(
+        "const r = arguments[0].getBoundingClientRect(); return r.bottom <= window.innerHeight && r.top >= 0;", last
+    )
     screenshot = Image.open(io.BytesIO(page.get_screenshot_as_png())).convert("RGB")
     colors = {color for _, color in screenshot.getcolors(maxcolors=1 << 20)}
     assert (0xE4, 0xEC, 0xFF) in colors and (0xF1, 0xF1, 0xF1) in colors  # user and assistant bubbles

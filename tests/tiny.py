@@ -11,8 +11,17 @@ from model.gpt import GPT, GPTConfig
 
 def tiny_config(vocab_size=256, context_length=32, **overrides):
     """A model config small enough for unit tests: 2 layers, width 32, 4 heads."""
-    values = dict(vocab_size=vocab_size, context_length=context_length, n_layers=2, d_model=32, n_heads=4,
-                  d_ff=64, tie_embeddings=True, rope_theta=10000.0, norm_eps=1e-5)
+    values = dict(
+        vocab_size=vocab_size,
+        context_length=context_length,
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        tie_embeddings=True,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+    )
     return GPTConfig(**{**values, **overrides})
 
 
@@ -24,8 +33,9 @@ def tiny_model(seed=0, **overrides):
 
 def servable_model(vocab_size, tie_embeddings=False, context_length=128, seed=0):
     """A tiny model a little wider (64), as the export and server tests serve it."""
-    return tiny_model(seed, vocab_size=vocab_size, context_length=context_length, tie_embeddings=tie_embeddings,
-                      d_model=64, d_ff=128).eval()
+    return tiny_model(
+        seed, vocab_size=vocab_size, context_length=context_length, tie_embeddings=tie_embeddings, d_model=64, d_ff=128
+    ).eval()
 
 
 def make_exports(folder, tokenizer_path, vocab_size, context_length=128):
