@@ -89,10 +89,10 @@ def engine_greedy(engine, prompt_ids, tokens):
     return asyncio.run(run())
 
 
-def kernel_steps(model, precision, rows, position, steps=30):
+def kernel_steps(model, precision, rows, position, threads, steps=30):
     """Tokens/s of the decode kernel alone (no sampling, no engine) stepping `rows` sequences together at
     `position`: the ceiling of what the engine and the server can do with that many streams."""
-    decoder = RowwiseDecoder(model, rowwise_cache(model.config, rows, model.config.context_length, precision))
+    decoder = RowwiseDecoder(model, rowwise_cache(model.config, rows, model.config.context_length, precision), threads)
     tokens, cache_rows, positions = [5] * rows, list(range(rows)), [position] * rows
     for _ in range(3):
         decoder(tokens, cache_rows, positions)
@@ -166,9 +166,12 @@ def main():
         }
         speeds, texts, bandwidth, product, kernel = {}, {}, {}, {}, {}
         for threads in args.threads:
-            torch.set_num_threads(threads)
-            # Engines made after set_num_threads: a thread takes torch's (OpenMP's) thread count when it starts.
-            engines.update({precision: Engine(model, tokenizer, 1, precision) for precision in ("fp32", "int8")})
+            torch.set_num_threads(threads)  # the plain references' (torch's own operations)
+            for engine in engines.values():
+                engine.close()
+            engines.update(
+                {precision: Engine(model, tokenizer, 1, precision, threads) for precision in ("fp32", "int8")}
+            )
             bandwidth[threads] = read_bandwidth()
             product[threads] = one_row_product_bandwidth(model.lm_head.weight.detach())
             with torch.inference_mode():
@@ -179,11 +182,11 @@ def main():
                         speed, texts[name] = timed(run, args.tokens)
                         speeds.setdefault((threads, name), []).append(speed)
                 for precision in ("fp32", "int8"):
-                    rowwise = rowwise_model(model, precision)
+                    rowwise = rowwise_model(model, precision, threads)
                     for rows in KERNEL_ROWS:
                         for position in KERNEL_POSITIONS:
                             kernel[(threads, precision, position, rows)] = max(
-                                kernel_steps(rowwise, precision, rows, position) for _ in range(REPEATS)
+                                kernel_steps(rowwise, precision, rows, position, threads) for _ in range(REPEATS)
                             )
     agree = texts["ours, fp32"] == texts["plain reference, fp32"] == texts["Hugging Face generate, fp32"]
     lines = [

@@ -148,6 +148,14 @@ def convert(export_folder, out_file, outtype):
     if chat:
         new_metadata[gguf.Keys.Tokenizer.EOT_ID] = MetadataDetails(uint32, token_id["eot"])
         new_metadata[gguf.Keys.Tokenizer.EOM_ID] = MetadataDetails(uint32, token_id["eom"])
+        # A control token's text is not part of a reply in llama.cpp (as its end-of-turn tokens usually are):
+        # the newline that ends a reply then stays out of the reply's text, as in ours. A chat reply is one line,
+        # so no newline inside one is lost; a newline in a prompt still becomes this token (byte fallback).
+        token_types = list(reader.get_field(gguf.Keys.Tokenizer.TOKEN_TYPE).contents())
+        token_types[token_id["eot"]] = gguf.TokenType.CONTROL
+        new_metadata[gguf.Keys.Tokenizer.TOKEN_TYPE] = MetadataDetails(
+            gguf.GGUFValueType.ARRAY, token_types, sub_type=gguf.GGUFValueType.INT32
+        )
     writer = gguf.GGUFWriter(
         out_file, arch=reader.get_field(gguf.Keys.General.ARCHITECTURE).contents(), endianess=reader.endianess
     )

@@ -110,8 +110,9 @@ def library():
 class RowwiseLinear(nn.Module):
     """A bias-free nn.Linear on CPU whose rows are computed independently (see the module docstring)."""
 
-    def __init__(self, weight, precision):
+    def __init__(self, weight, precision, threads=1):
         super().__init__()
+        self.threads = threads  # the kernel's, for each call
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
         weight = weight.detach().float().contiguous()
@@ -133,7 +134,7 @@ class RowwiseLinear(nn.Module):
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
         out = torch.empty(*x.shape[:-1], self.out_features)
-        self.compute(x.data_ptr(), out.data_ptr(), x.numel() // self.in_features, torch.get_num_threads())
+        self.compute(x.data_ptr(), out.data_ptr(), x.numel() // self.in_features, self.threads)
         return out
 
 
@@ -164,8 +165,9 @@ class RowwiseDecoder:
     step, per-sequence attention in KVCache), into the same `cache`.
     """
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, threads=1):
         self.model, self.cache = model, cache  # held: the kernel reads their memory
+        self.threads = threads  # the kernel's, for each step
         config = model.config
         self.vocab_size = config.vocab_size
 
@@ -210,9 +212,6 @@ class RowwiseDecoder:
             cache.keys.shape[1],
             cache.keys.shape[3],
         )
-        # Torch's thread count where the decoder is made: the server calls it from a thread of its own, and
-        # a thread need not see a count set in another.
-        self.threads = torch.get_num_threads()
 
     def __call__(self, tokens, rows, positions):
         """Logits (B, vocab) of the next token of each sequence: `tokens` (B,) at `positions` (B,) of cache `rows`
@@ -238,7 +237,7 @@ def rowwise_cache(config, rows, length, precision):
     return KVCache(config, rows, length, dtype=CACHE_DTYPES[precision])
 
 
-def rowwise_model(model, precision):
+def rowwise_model(model, precision, threads=1):
     """A copy of `model` (on CPU, for inference) whose linear layers are RowwiseLinear at `precision` and whose
     norms are RowwiseRMSNorm."""
     model = copy.deepcopy(model).cpu().float().eval()
@@ -249,5 +248,5 @@ def rowwise_model(model, precision):
             elif isinstance(child, nn.Linear):
                 if child.bias is not None:
                     raise ValueError(f"linear layer '{name}' has a bias, which RowwiseLinear does not take")
-                setattr(module, name, RowwiseLinear(child.weight, precision))
+                setattr(module, name, RowwiseLinear(child.weight, precision, threads))
     return model

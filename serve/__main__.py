@@ -158,6 +158,7 @@ def allowed_hosts(args):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # The kernel takes its threads as a parameter; torch's own operations (a prompt's attention) take the same.
     torch.set_num_threads(args.threads)
     app = create_app(
         args.models_dir,
@@ -171,6 +172,7 @@ def main(argv=None):
         max_queue=args.max_queue,
         allowed_hosts=allowed_hosts(args),
         body_seconds=args.body_seconds,
+        threads=args.threads,
     )
     uvicorn.run(
         app,

@@ -12,6 +12,7 @@ bounded.
 
 import asyncio
 import codecs
+import contextlib
 import hashlib
 import hmac
 import json
@@ -33,7 +34,7 @@ from model.export import load_export
 from model.generate import Sampling
 from model.token_arrays import check_same_vocabulary
 from model.tokenizer import Tokenizer
-from serve.engine import DEFAULT_PRECISION, Engine
+from serve.engine import DEFAULT_PRECISION, DEFAULT_THREADS, Engine
 from serve.schema import (
     REQUEST_FIELD_NAMES,
     STREAM_CHUNKS,
@@ -72,6 +73,8 @@ MAX_BODY_BYTES = 1_000_000
 BODY_SECONDS = 30.0  # to receive a whole request body
 MAX_GENERATION_SECONDS = 120.0
 MAX_QUEUE = 256  # generations waiting for a batch slot, per model
+# Sampling from the model's own distribution: what a request gets where neither it nor the export says otherwise.
+PLAIN_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": None}
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 ERROR_MEANINGS = {
     400: "a field is invalid; `param` names it",
@@ -110,7 +113,7 @@ class Settings:
 
 
 class HostedModel:
-    def __init__(self, name, folder, max_batch, precision):
+    def __init__(self, name, folder, max_batch, precision, threads):
         model, self.listing = load_export(folder)
         self.name = name
         self.tokenizer = Tokenizer(folder / "tokenizer.model")
@@ -118,10 +121,11 @@ class HostedModel:
         # The export holds no timestamp (a rerun writes the same bytes): the weights' file time is when it was
         # written (or checked out) here.
         self.created = int((folder / "model.safetensors").stat().st_mtime)
+        # What a request gets for each sampling field it leaves out: the export's defaults, as transformers and
+        # vLLM take them from generation_config.json (the GGUF and the Modelfile carry the same), else sampling
+        # from the model's own distribution.
         generation_config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
-        self.sampling = {
-            name: generation_config[name] for name in ("temperature", "top_p", "top_k") if name in generation_config
-        }
+        self.sampling = {name: generation_config.get(name, plain) for name, plain in PLAIN_SAMPLING.items()}
         self.tokenizer_digest = hashlib.sha256((folder / "tokenizer.model").read_bytes()).hexdigest()
         tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
         self.tokenizer_info = TokenizerInfo.model_validate(
@@ -133,7 +137,7 @@ class HostedModel:
         self.vocab_size = self.tokenizer.vocab_size
         self.context_length = model.config.context_length
         self.chat = bool(self.listing.get("chat"))
-        self.engine = Engine(model, self.tokenizer, max_batch, precision)
+        self.engine = Engine(model, self.tokenizer, max_batch, precision, threads, name)
 
     def card(self):
         return {
@@ -176,7 +180,7 @@ def _linked_out(folder, root):
     return None
 
 
-def load_models(models_dir, max_batch, precision):
+def load_models(models_dir, max_batch, precision, threads):
     """Every loadable model folder under `models_dir`; broken ones are reported and skipped.
 
     A model folder, or a file in it, may be a symlink (an alias such as `latest -> base`) only if it
@@ -197,7 +201,7 @@ def load_models(models_dir, max_batch, precision):
             log.error("skipping model folder %s: %s", folder, problem)
             continue
         try:
-            hosted[folder.name] = HostedModel(folder.name, folder, max_batch, precision)
+            hosted[folder.name] = HostedModel(folder.name, folder, max_batch, precision, threads)
             log.info("serving model %s from %s", folder.name, folder)
         except Exception as error:  # a broken folder must not take the others down
             log.error("skipping model folder %s: %s: %s", folder, type(error).__name__, error)
@@ -405,16 +409,13 @@ def _max_tokens(body, hosted, prompt_ids, default):
     return max_tokens
 
 
-def _sampling(body, max_tokens, stop_ids):
+def _sampling(body, hosted, max_tokens, stop_ids):
+    """How to sample: the request's fields, and the model's defaults for those it leaves out."""
     if body.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})", "min_tokens")
+    chosen = {name: getattr(body, name) for name in PLAIN_SAMPLING if getattr(body, name) is not None}
     return Sampling(
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        min_tokens=body.min_tokens,
-        stop_ids=tuple(stop_ids),
+        max_tokens=max_tokens, min_tokens=body.min_tokens, stop_ids=tuple(stop_ids), **{**hosted.sampling, **chosen}
     )
 
 
@@ -777,7 +778,7 @@ async def completions(body: CompletionRequest, request: Request):
                     field,
                 )
             _check_prompt_length(hosted, settings, ids, field)
-        sampling = _sampling(body, _max_tokens(body, hosted, ids, 16), hosted.tokenizer.document_end_ids)
+        sampling = _sampling(body, hosted, _max_tokens(body, hosted, ids, 16), hosted.tokenizer.document_end_ids)
         echo_text = hosted.tokenizer.decode(ids) if body.echo else ""
         jobs.append(Job(ids, sampling, echo_text, tuple(ids) if body.echo else ()))
     return await respond(request, hosted, body, jobs, False, body.logprobs)
@@ -821,7 +822,9 @@ async def chat_completions(body: ChatRequest, request: Request):
     ids = await _prompt_ids(
         hosted, request.app.state.settings, hosted.tokenizer.chat_prompt, texts, sum(map(len, texts)), "messages"
     )
-    sampling = _sampling(body, _max_tokens(body, hosted, ids, hosted.context_length), hosted.tokenizer.reply_end_ids)
+    sampling = _sampling(
+        body, hosted, _max_tokens(body, hosted, ids, hosted.context_length), hosted.tokenizer.reply_end_ids
+    )
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return await respond(request, hosted, body, [Job(ids, sampling)], True, logprobs)
 
@@ -841,14 +844,28 @@ def create_app(
     max_queue=MAX_QUEUE,
     allowed_hosts=LOOPBACK_HOSTS,
     body_seconds=BODY_SECONDS,
+    threads=DEFAULT_THREADS,
 ):
     """`precision`: int8 (int8 linear weights, faster on CPUs) or fp32 (exactly the exported weights).
     `api_key`: when given, required as `Authorization: Bearer <key>` on /v1 and the API docs. `cors_origins`:
     origins whose pages may call the API (none by default). `max_prompt_tokens`: None is each model's context.
     `max_queue`: generations that may wait for a batch slot, per model. `allowed_hosts`: the Host header names
-    answered (None: any). `body_seconds`: time a client has to send its whole request body."""
-    app = FastAPI(title="GPT pipeline server", version="1.0", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.models = load_models(models_dir, max_batch, precision)
+    answered (None: any). `body_seconds`: time a client has to send its whole request body. `threads`: each
+    model's decode kernel's. The models' engines close when the app's lifespan ends (the server stops)."""
+    models = load_models(models_dir, max_batch, precision, threads)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        try:
+            yield
+        finally:
+            for hosted in models.values():
+                await asyncio.to_thread(hosted.engine.close)
+
+    app = FastAPI(
+        title="GPT pipeline server", version="1.0", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan
+    )
+    app.state.models = models
     app.state.settings = Settings(api_key, max_prompt_tokens, max_generation_seconds, max_queue)
     app.add_middleware(RequestGuard, max_bytes=max_body_bytes, body_seconds=body_seconds, allowed_hosts=allowed_hosts)
     if cors_origins:

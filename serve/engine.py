@@ -35,7 +35,7 @@ from model.rowwise import RowwiseDecoder, rowwise_cache, rowwise_model
 
 log = logging.getLogger("serve")
 DEFAULT_PRECISION = "int8"
-# Torch threads for decoding: a few rows are bound by memory, and threads that wait on each other stall
+# The decode kernel's threads: a few rows are bound by memory, and threads that wait on each other stall
 # whenever another process holds a core.
 DEFAULT_THREADS = 1
 PREFILL_CHUNK = 32  # prompt tokens per forward pass: a few decode steps' time on a CPU
@@ -114,14 +114,14 @@ def _unsafe_tail(text, stops):
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch, precision=DEFAULT_PRECISION):
+    def __init__(self, model, tokenizer, max_batch, precision=DEFAULT_PRECISION, threads=DEFAULT_THREADS, name="model"):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
-        self.model = rowwise_model(model, precision)
+        self.model = rowwise_model(model, precision, threads)
         self.tokenizer = tokenizer
         self.context_length = model.config.context_length
         self.cache = rowwise_cache(model.config, max_batch, self.context_length, precision)
-        self.decoder = RowwiseDecoder(self.model, self.cache)
+        self.decoder = RowwiseDecoder(self.model, self.cache, threads)
         self._waiting = collections.deque()
         self._wakeup = threading.Condition()
         self._free_rows = list(range(max_batch - 1, -1, -1))
@@ -130,11 +130,21 @@ class Engine:
         self._undrawn = None  # (requests, their logits): the half stepped last, its tokens not yet drawn
         self._half_steps = 0
         # The decode kernel's own thread for half steps (it lets go of Python's lock while it works).
-        self._kernel = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decode-kernel")
+        self._kernel = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-decode-kernel")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        self._steps_in_halves = self.decoder.threads < cores
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._steps_in_halves = threads < cores
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"{name}-engine", daemon=True)
         self._thread.start()
+
+    def close(self):
+        """Ends every generation still queued or in flight (as an error, which their replies report) and stops
+        both threads; the engine serves nothing after."""
+        with self._wakeup:
+            self._closing = True
+            self._wakeup.notify()
+        self._thread.join()
+        self._kernel.shutdown()
 
     @property
     def alive(self):
@@ -181,8 +191,12 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wakeup:
-                    while not self._has_work():
+                    while not (self._has_work() or self._closing):
                         self._wakeup.wait()
+                    if self._closing:
+                        for request in [*self._waiting, *self._prefilling, *self._decoding]:
+                            self._fail(request)
+                        return
                 try:
                     self._admit()
                     halves = self._steps_in_halves and len(self._decoding) >= PIPELINE_FROM

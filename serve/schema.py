@@ -84,9 +84,11 @@ class GenerationFields(RequestBody):
 
     model: _text(max_length=MAX_MODEL_NAME_CHARS)
     max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS, description="0 only with `echo`: score the prompt")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy decoding")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)
+    # Left out (or null), these take the model's sampling defaults: its export's generation_config.json, as
+    # /v1/models lists them (`sampling`).
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 is greedy decoding; null: the model's")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="null: the model's")
+    top_k: int | None = Field(None, ge=1, description="null: the model's (none if it sets none)")
     min_tokens: int = Field(0, ge=0, le=MAX_TOKENS, description="no end-of-text before this many tokens")
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
@@ -342,7 +344,10 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     context_length: int
-    sampling: dict[str, float] = Field(description="the export's sampling defaults (generation_config.json)")
+    sampling: dict[str, float | None] = Field(
+        description="what a request gets for temperature, top_p and top_k when it leaves them out: the export's "
+        "generation_config.json, else 1.0, 1.0 and none (the model's own distribution)"
+    )
     chat: bool
     parameters: int
     revision: str

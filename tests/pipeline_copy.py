@@ -21,10 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RAN = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
 
 # Training short enough for a whole `dvc repro` of the sample profile in well under a minute on 2 cores,
-# with checkpoints every 10 steps so that a run can be killed between two of them.
+# with checkpoints every 10 steps and a progress line every 5, so that a run can be killed between two of them.
 SHORT_TRAINING = {
-    "pretrain": {"steps": 60, "log_every": 10, "eval_every": 30, "eval_batches": 4},
-    "finetune": {"steps": 30, "log_every": 10, "eval_every": 30, "eval_batches": 4},
+    "pretrain": {"steps": 60, "log_every": 5, "eval_every": 30, "eval_batches": 4},
+    "finetune": {"steps": 30, "log_every": 5, "eval_every": 30, "eval_batches": 4},
     "checkpoint_every": {"pretrain": 10, "finetune": 10},
     "evaluate": {"eval_batches": 4, "max_new_tokens": 16},
 }

@@ -3,26 +3,20 @@
 import threading
 import time
 
-import torch
 import uvicorn
 
 from serve.app import create_app
-from serve.engine import DEFAULT_THREADS
 from serve.protocol import uvicorn_settings
 
 
 class RunningServer:
     """The app as `python -m serve` runs it: uvicorn with the same protocol and limits (`limits` are
     uvicorn_settings' header_seconds, write_seconds and max_connections: the command's --header-seconds,
-    --write-seconds and --max-connections), its models loaded with the command's default torch threads."""
+    --write-seconds and --max-connections), its models' kernels on the command's default threads; the models'
+    engines close with the server (the app's lifespan)."""
 
     def __init__(self, models_dir, limits=None, **options):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(DEFAULT_THREADS)
-        try:
-            self.app = create_app(models_dir, **options)
-        finally:
-            torch.set_num_threads(threads)
+        self.app = create_app(models_dir, **options)
         config = uvicorn.Config(
             self.app, host="127.0.0.1", port=0, log_level="warning", **uvicorn_settings(**(limits or {}))
         )

@@ -79,6 +79,9 @@ def test_the_stage_writes_both_models_at_f16_and_q8_0_with_what_llama_cpp_needs(
                 assert field(reader, "tokenizer.ggml.eom_token_id") == USER_ID
             else:
                 assert field(reader, "tokenizer.ggml.eot_token_id") is None
+            # The chat model's newline ends a reply and is a control token, whose text llama.cpp leaves out.
+            newline_type = field(reader, "tokenizer.ggml.token_type")[tokenizer.sp.piece_to_id(NEWLINE_PIECE)]
+            assert newline_type == (gguf.TokenType.CONTROL if name == "chat" else gguf.TokenType.BYTE)
     modelfile = (converted / "chat-q8_0.Modelfile").read_text()
     assert "FROM ./chat-q8_0.gguf\n" in modelfile and "<|user|>\n{{ .Content }}\n" in modelfile
     assert 'PARAMETER stop "<|user|>"' in modelfile and "PARAMETER num_ctx 128\n" in modelfile
@@ -218,7 +221,12 @@ def test_llama_cpp_chats_with_our_template_and_ends_replies_where_we_do(pipeline
         if reply["finish_reason"] == "stop":
             assert ours[-1] in tokenizer.reply_end_ids, turns
             ours = ours[:-1]  # both leave the ending token out of the reply
+        assert not reply["message"]["content"].endswith("\n"), turns
         if reply["message"]["content"] != tokenizer.decode(ours):
             assert_same_greedy(ours, margins, tokenizer.encode(reply["message"]["content"]), outtype, turns)
+    newline = tokenizer.sp.piece_to_id(NEWLINE_PIECE)
+    # llama-server appends each token's text before it checks for the end, so the end-of-turn token's text
+    # would end every reply: as a control token it has none; a prompt's newline is still that token.
+    assert llm.detokenize([newline]) == b"" and newline in llm.tokenize(b"a\nb", add_bos=False, special=True)
     with pytest.raises(Exception, match="only user and assistant messages"):
         llm.create_chat_completion([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])

@@ -302,10 +302,31 @@ def test_plots_page_draws_every_declared_chart_with_the_network_off(short_pipeli
         sizes = browser.execute_script(
             "return Array.from(document.querySelectorAll('.vega-embed canvas')).map(c => [c.width, c.height])"
         )
+        first_chart = browser.execute_script("return document.querySelector('.vega-embed canvas').toDataURL()")
     finally:
         browser.quit()
     assert len(titles) == declared
     assert all(width > 100 and height > 100 for width, height in sizes)
+    # A colour per series: the pretraining losses (training, held-out Wikipedia, held-out C4) in three hues.
+    assert len(series_hues(first_chart)) >= 3
+
+
+def series_hues(data_url):
+    """The hues (in 24 buckets of 15 degrees) that at least 40 strongly coloured pixels of a chart have."""
+    import base64
+    import colorsys
+    import io
+    from collections import Counter
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB")
+    hues = Counter()
+    for red, green, blue in image.getdata():
+        hue, saturation, value = colorsys.rgb_to_hsv(red / 255, green / 255, blue / 255)
+        if saturation > 0.4 and value > 0.3:
+            hues[int(hue * 24) % 24] += 1
+    return {hue for hue, count in hues.items() if count >= 40}
 
 
 def test_a_failed_stage_says_why_in_one_line_and_dvc_checkout_brings_its_outputs_back(failed_run):

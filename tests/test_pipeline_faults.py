@@ -134,8 +134,9 @@ def _temporaries(workspace, outputs):
 
 
 def _steps_done(output, stage):
-    """The last step count of the stage's progress bar in `output`, 0 before the first."""
-    counts = re.findall(rf"{stage}:\s+\d+%\|[^|\r\n]*\|\s*(\d+)/\d+", output)
+    """The last step the stage logged in `output` (a line every log_every steps: DVC's output is no terminal), 0
+    before the first."""
+    counts = re.findall(rf"^{stage}: step (\d+)/\d+", output, re.MULTILINE)
     return int(counts[-1]) if counts else 0
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
+from model.generate import Sampling
 from model.special_tokens import END_OF_TEXT_ID
 from serve.app import create_app
 from serve.engine import PIPELINE_FROM
@@ -54,7 +56,35 @@ def test_models_are_listed_with_their_metadata_and_broken_folders_skipped(client
 def test_models_are_listed_with_their_sampling_defaults_and_the_time_their_weights_were_written(server, models_dir):
     for card in httpx.get(server.url + "/v1/models").json()["data"]:
         assert card["created"] == int((models_dir / card["id"] / "model.safetensors").stat().st_mtime) > 0
-        assert card["sampling"] == {"temperature": 0.8, "top_k": 50}  # tests/tiny.py's generation settings
+        assert card["sampling"] == {"temperature": 0.8, "top_p": 1.0, "top_k": 50}  # tests/tiny.py's export
+
+
+def test_requests_that_leave_sampling_out_get_the_exports_defaults(tokenizer_model_file, tokenizer, tmp_path):
+    """The export's generation_config.json (params.yaml's evaluate section, through the export stage) is the one
+    source of sampling defaults: the server's replies, /v1/models (where the web UI starts from) and the GGUF's
+    Ollama Modelfile all follow it when it changes."""
+    from model.export import export_model
+    from model.llamacpp import modelfile
+    from tests.tiny import servable_model
+
+    model = servable_model(tokenizer.vocab_size)
+    body = {"model": "base", "prompt": "Once", "max_tokens": 20, "min_tokens": 20, "seed": 3}
+    for generation in ({"temperature": 0.0, "top_k": 5}, {"temperature": 1.5, "top_k": 3}):
+        folder = tmp_path / str(generation["temperature"]) / "base"
+        export_model(model, tokenizer_model_file, folder, "base", False, {}, generation)
+        with RunningServer(folder.parent) as server:
+
+            def text(request):
+                reply = httpx.post(server.url + "/v1/completions", json=request, timeout=30)
+                return reply.json()["choices"][0]["text"]
+
+            card = httpx.get(server.url + "/v1/models").json()["data"][0]
+            assert card["sampling"] == {**generation, "top_p": 1.0}
+            assert text(body) == text({**body, **generation})
+            assert text(body) != text({**body, "temperature": 0.7, "top_k": 40})
+        assert {f"PARAMETER {name} {value}" for name, value in generation.items()} <= set(
+            modelfile(folder, "base-q8_0.gguf").splitlines()
+        )
 
 
 def test_the_readmes_openai_example_runs_as_written(server):
@@ -81,8 +111,37 @@ def test_completion_returns_text_usage_and_finish_reason(client):
 def test_int8_serving_keeps_the_kv_cache_in_16_bit_floats_and_fp32_in_32(models_dir):
     """The README's claim: int8 halves the cache's memory, fp32 rounds nothing."""
     for precision, dtype in (("int8", torch.float16), ("fp32", torch.float32)):
-        engine = create_app(models_dir, precision=precision).state.models["base"].engine
-        assert engine.cache.keys.dtype == engine.cache.values.dtype == dtype
+        with TestClient(create_app(models_dir, precision=precision)) as client:  # the app's lifespan
+            engine = client.app.state.models["base"].engine
+            assert engine.cache.keys.dtype == engine.cache.values.dtype == dtype
+
+
+def test_apps_started_and_stopped_again_and_again_leave_no_thread_behind(models_dir):
+    """Each model's engine has a decoding thread and a kernel thread: they end with the server (the app's
+    lifespan), and a generation still queued then ends with an error reply rather than never."""
+    before = set(threading.enumerate())
+    for _ in range(3):
+        with RunningServer(models_dir, max_batch=1) as server:
+            assert (
+                httpx.post(
+                    server.url + "/v1/completions", json={"model": "base", "prompt": "Hi", "max_tokens": 3}, timeout=30
+                ).status_code
+                == 200
+            )
+            assert {thread.name for thread in set(threading.enumerate()) - before} >= {"base-engine", "chat-engine"}
+    assert [thread.name for thread in set(threading.enumerate()) - before if thread.is_alive()] == []
+
+
+def test_closing_an_engine_ends_what_it_still_holds(models_dir):
+    async def submit_and_stop():
+        with TestClient(create_app(models_dir, max_batch=1)) as client:
+            engine = client.app.state.models["base"].engine
+            sampling = Sampling(max_tokens=100, min_tokens=100)
+            return [engine.submit([1, 5, 6], sampling) for _ in range(3)]  # one decoding, two queued
+
+    requests = asyncio.run(submit_and_stop())  # the engine has closed: every request has ended
+    assert [request.finish_reason for request in requests][1:] == ["error", "error"]
+    assert requests[0].finish_reason in ("error", "length")
 
 
 def test_temperature_zero_is_greedy_and_repeatable(client):

@@ -409,7 +409,7 @@ def test_dangling_and_looping_model_links_are_reported(models_dir, tmp_path, cap
     for name in ("gone", "loop"):
         assert any(name in record.getMessage() and "link" in record.getMessage() for record in caplog.records)
     for hosted in app.state.models.values():
-        hosted.engine._kernel.shutdown()
+        hosted.engine.close()
 
 
 @pytest.mark.parametrize(
