@@ -411,7 +411,9 @@ def _log_row(live, row):
     in the tracked metrics and plots they would leave a fresh clone's tree modified after `dvc repro`. They are
     on the progress line and in the checkpoint's history."""
     live.step = row["step"]
-    for name, value in row.items():
+    # In sorted order: a resumed run replays its rows from the checkpoint's JSON (sorted keys), and metrics.json
+    # keeps the order the names were first logged in, so only one order makes the two runs' files the same.
+    for name, value in sorted(row.items()):
         if name not in ("step", *WALL_CLOCK_FIGURES):
             live.log_metric(name, value, timestamp=False)
     live.make_summary()

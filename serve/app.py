@@ -384,6 +384,13 @@ async def _prompt_ids(hosted, settings, encode, text, chars, field):
     return ids
 
 
+def _check_vocabulary(hosted, ids, field):
+    if ids and max(ids) >= hosted.vocab_size:
+        raise APIError(
+            400, f"token id {max(ids)} is not in model '{hosted.name}''s vocabulary of {hosted.vocab_size}", field
+        )
+
+
 def _check_prompt_length(hosted, settings, ids, field):
     limit = _prompt_limit(hosted, settings)
     if len(ids) > limit:
@@ -737,12 +744,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
 @tokenizing.post("/detokenize", response_model=DetokenizeReply, responses=error_responses(400, 401, 404, 408, 413))
 async def detokenize(body: DetokenizeRequest, request: Request):
     hosted = _tokenizer_model(request, body.model)
-    if body.tokens and max(body.tokens) >= hosted.vocab_size:
-        raise APIError(
-            400,
-            f"token id {max(body.tokens)} is not in model '{hosted.name}''s vocabulary of {hosted.vocab_size}",
-            "tokens",
-        )
+    _check_vocabulary(hosted, body.tokens, "tokens")
     return DetokenizeReply(prompt=await asyncio.to_thread(hosted.tokenizer.decode, body.tokens))
 
 
@@ -771,12 +773,7 @@ async def completions(body: CompletionRequest, request: Request):
             ids = await _prompt_ids(hosted, settings, hosted.tokenizer.document_prompt, prompt, len(prompt), field)
         else:
             ids = list(prompt)
-            if max(ids) >= hosted.vocab_size:
-                raise APIError(
-                    400,
-                    f"token id {max(ids)} is not in model '{hosted.name}''s vocabulary of {hosted.vocab_size}",
-                    field,
-                )
+            _check_vocabulary(hosted, ids, field)
             _check_prompt_length(hosted, settings, ids, field)
         sampling = _sampling(body, hosted, _max_tokens(body, hosted, ids, 16), hosted.tokenizer.document_end_ids)
         echo_text = hosted.tokenizer.decode(ids) if body.echo else ""
