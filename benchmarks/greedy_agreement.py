@@ -37,31 +37,50 @@ def until_end(ids, end_ids):
     return ids
 
 
-def ours(model, tokenizer, precision, prompt_ids, tokens):
-    engine = Engine(model, tokenizer, 1, precision)
-    try:
-        return engine_greedy(engine, prompt_ids, tokens)
-    finally:
-        engine.close()
-
-
-def transformers_greedy(folder, prompt_ids, tokens):
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+def transformers_greedy(hf_model, prompt_ids, tokens):
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        out = hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=tokens, do_sample=False, pad_token_id=0)
     return out[0, len(prompt_ids) :].tolist()
 
 
-def llama_cpp_greedy(gguf_file, prompt_ids, tokens):
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(gguf_file), n_ctx=0, n_threads=1, seed=0, verbose=False)
+def llama_cpp_greedy(llm, prompt_ids, tokens):
     new = []
     for token in llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
         new.append(token)
         if len(new) == tokens or llm.token_eos() == token:
             break
     return new
+
+
+def runtimes(name):
+    """{label: greedy(prompt_ids, tokens)} of each runtime on model `name`, each loaded once; our fp32 first."""
+    from llama_cpp import Llama
+
+    folder = REPO / "serve" / "models" / name
+    model, _ = load_export(folder)
+    tokenizer = Tokenizer(folder / "tokenizer.model")
+    engines = {precision: Engine(model, tokenizer, 1, precision) for precision in ("fp32", "int8")}
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    gguf = {
+        outtype: Llama(
+            model_path=str(REPO / "serve" / "gguf" / f"{name}-{outtype}.gguf"),
+            n_ctx=0,
+            n_threads=1,
+            seed=0,
+            verbose=False,
+        )
+        for outtype in ("f16", "q8_0")
+    }
+    greedy = {
+        "ours, fp32": lambda ids, tokens: engine_greedy(engines["fp32"], ids, tokens),
+        "ours, int8": lambda ids, tokens: engine_greedy(engines["int8"], ids, tokens),
+        "transformers, fp32": lambda ids, tokens: transformers_greedy(hf_model, ids, tokens),
+        **{
+            f"llama.cpp, {outtype}": (lambda ids, tokens, llm=llm: llama_cpp_greedy(llm, ids, tokens))
+            for outtype, llm in gguf.items()
+        },
+    }
+    return tokenizer, engines, greedy
 
 
 def first_difference(reference, other):
@@ -78,26 +97,17 @@ def main():
     args = parser.parse_args()
     rows = []
     for name, prompts in PROMPTS.items():
-        folder = REPO / "serve" / "models" / name
-        model, _ = load_export(folder)
-        tokenizer = Tokenizer(folder / "tokenizer.model")
+        tokenizer, engines, greedy = runtimes(name)
         end_ids = tokenizer.reply_end_ids if name == "chat" else tokenizer.document_end_ids
         for prompt in prompts:
             prompt_ids = tokenizer.chat_prompt([prompt]) if name == "chat" else tokenizer.document_prompt(prompt)
-            runs = {
-                "ours, int8": ours(model, tokenizer, "int8", prompt_ids, args.tokens),
-                "transformers, fp32": transformers_greedy(folder, prompt_ids, args.tokens),
-                **{
-                    f"llama.cpp, {outtype}": llama_cpp_greedy(
-                        REPO / "serve" / "gguf" / f"{name}-{outtype}.gguf", prompt_ids, args.tokens
-                    )
-                    for outtype in ("f16", "q8_0")
-                },
-            }
-            reference = until_end(ours(model, tokenizer, "fp32", prompt_ids, args.tokens), end_ids)
-            differences = {label: first_difference(reference, until_end(ids, end_ids)) for label, ids in runs.items()}
+            runs = {label: until_end(run(prompt_ids, args.tokens), end_ids) for label, run in greedy.items()}
+            reference = runs.pop("ours, fp32")
+            differences = {label: first_difference(reference, ids) for label, ids in runs.items()}
             rows.append((name, prompt, differences))
             print(name, repr(prompt), differences, flush=True)
+        for engine in engines.values():
+            engine.close()
     labels = list(rows[0][2])
     lines = [
         f"Command: `{COMMAND} --tokens {args.tokens}` (after `dvc repro` of the sample profile and `make llamacpp`). "

@@ -298,9 +298,11 @@ class Engine:
                 self._fail(requests[0])
                 return [], None
             log.exception("a decode step of %d requests failed; stepping each alone", len(requests))
-        stepped = [self._stepped([request]) for request in requests]
-        stepped = [(requests[0], logits) for requests, logits in stepped if requests]
-        return [request for request, _ in stepped], torch.cat([logits for _, logits in stepped]) if stepped else None
+        alone = [(request, self._stepped([request])[1]) for request in requests]
+        survivors = [(request, logits) for request, logits in alone if logits is not None]
+        if not survivors:
+            return [], None
+        return [request for request, _ in survivors], torch.cat([logits for _, logits in survivors])
 
     def _half_step(self):
         """The half of the batch that waited longer steps on the kernel's thread while this one draws the
