@@ -32,10 +32,11 @@ test: setup
 	ruff format --check .
 	python -m pytest -q tests
 
-# llama.cpp itself (llama-cpp-python, built from the converter's source distribution, for any x86-64 CPU:
-# a build for the native CPU crashes on some), for the GGUF tests; about 10 minutes on 2 cores.
+# llama.cpp itself (llama-cpp-python and llama-server, built from the converter's source distribution, for any
+# x86-64 CPU with AVX2: a build for the native CPU crashes on some), for the GGUF tests; about 20 minutes on 2 cores.
 llamacpp: setup
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/python -m pip install --quiet $(VENV)/llama.cpp/llama_cpp_python-*.tar.gz
+	$(BIN)/python -m model.llama_server
 
 # Switch params.yaml to a profile of configs/ (`make profile NAME=ryangpt-fast`); `dvc params diff` then
 # shows what changed and `git checkout params.yaml` switches back to the sample profile. Local edits of

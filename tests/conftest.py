@@ -12,14 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # `python -m pytest` from the repo root finds `model` anyway; a bare `pytest` run from elsewhere needs this.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.corpus import clean_c4, clean_wikipedia, extract_documents  # noqa: E402 (after the path is set)
 from model.dialog import SPLITS, read_split_zip  # noqa: E402
 from model.tokenizer import bpe_lines, train_bpe  # noqa: E402
+from tests.paths import REPO_ROOT  # noqa: E402
 
 SAMPLE = REPO_ROOT / "data" / "sample"
 TEST_VOCAB_SIZE = 1024
@@ -121,6 +121,24 @@ def tokenizer(tokenizer_model_file):
     from model.tokenizer import Tokenizer
 
     return Tokenizer(tokenizer_model_file)
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory, tokenizer_model_file, tokenizer):
+    """tiny_exports(context_length=128): a models folder holding the tiny `base` and `chat` exports
+    (tests/tiny.py's make_exports), written once per session and context length. Shared: copy it to change it."""
+    from tests.tiny import make_exports
+
+    made = {}
+
+    def exports(context_length=128):
+        if context_length not in made:
+            folder = tmp_path_factory.mktemp(f"models-{context_length}") / "models"
+            make_exports(folder, tokenizer_model_file, tokenizer.vocab_size, context_length)
+            made[context_length] = folder
+        return made[context_length]
+
+    return exports
 
 
 @pytest.fixture(scope="session")

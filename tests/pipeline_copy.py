@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import REPO_ROOT
+
 RAN = re.compile(r"^Running stage '([^']+)'", re.MULTILINE)
 
 # Training short enough for a whole `dvc repro` of the sample profile in well under a minute on 2 cores,

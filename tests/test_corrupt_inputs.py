@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from model.sources import SourceError
+from tests.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = REPO_ROOT / "data" / "sample"
 WIKIPEDIA_FILE = "20231101.sample/train-00000-of-00001.parquet"
 PREVIOUS = '{"text": "the previous, good output"}\n'

@@ -22,9 +22,9 @@ import model.files
 from model.files import DiskFullError, atomic_output
 from model.gpt import save_model
 from stages import build_bpe, combine, encode, extract_c4, extract_dialog, extract_wikipedia
+from tests.paths import REPO_ROOT
 from tests.tiny import servable_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = REPO_ROOT / "data" / "sample"
 FILLER = "filler"
 

@@ -7,7 +7,7 @@ import torch
 from model.generate import Sampling, Sequence, generate, logits_to_probs, next_tokens, random_stream
 from model.gpt import KVCache
 from model.rowwise import PRECISIONS, RowwiseDecoder, RowwiseLinear, RowwiseRMSNorm, rowwise_cache, rowwise_model
-from tests.tiny import tiny_model
+from tests.tiny import markov_chain, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,24 +19,12 @@ def random_model(seed=0, **overrides):
     return tiny_model(seed, **overrides).eval()
 
 
-def markov_chain(n_tokens, seed):
-    """A token stream where each token is followed by one of two fixed successors."""
-    rng = np.random.default_rng(seed)
-    successors = rng.integers(0, VOCAB, size=(VOCAB, 2))
-    tokens = np.empty(n_tokens, dtype=np.int64)
-    tokens[0] = 0
-    choices = rng.integers(0, 2, size=n_tokens)
-    for i in range(1, n_tokens):
-        tokens[i] = successors[tokens[i - 1], choices[i]]
-    return tokens
-
-
 @pytest.fixture(scope="module")
 def trained_model():
     """A tiny model trained briefly on a Markov chain, so its predictions are peaked, not near-uniform."""
     model = random_model(seed=1)
     model.train()
-    tokens = torch.from_numpy(markov_chain(20000, seed=2))
+    tokens = torch.from_numpy(markov_chain(20000, seed=2, vocab_size=VOCAB).astype(np.int64))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(3)
     for _ in range(40):
@@ -216,7 +204,8 @@ def test_the_kernels_rms_norm_equals_torchs():
     torch.testing.assert_close(RowwiseRMSNorm(norm)(rows), norm(rows), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-5), ("int8", 0.05)])
+# int8 rounds each weight to 1/254 of its row's largest: logits within a few percent of their largest.
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-6), ("int8", 0.02)])
 def test_the_kernels_decode_step_equals_the_models_forward_pass(trained_model, precision, tolerance):
     sequences = [prompt(length, seed=50 + length) for length in (6, 11, 2)]
     model = rowwise_model(trained_model, precision)
@@ -227,7 +216,8 @@ def test_the_kernels_decode_step_equals_the_models_forward_pass(trained_model, p
         logits = RowwiseDecoder(model, cache)([s[-1] for s in sequences], [0, 1, 2], [len(s) - 1 for s in sequences])
         for row, sequence in enumerate(sequences):
             expected = trained_model(torch.tensor([sequence]))[0][0, -1]
-            torch.testing.assert_close(logits[row], expected, rtol=0, atol=tolerance)
+            atol = tolerance * float(expected.abs().max())
+            torch.testing.assert_close(logits[row], expected, rtol=0, atol=atol)
 
 
 # --- sampling ------------------------------------------------------------------------------------

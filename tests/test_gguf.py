@@ -1,8 +1,8 @@
 """The gguf stage: llama.cpp's own converter turns both exports into GGUF files that run in llama.cpp
 like our model does (same tokens, same greedy continuations, replies that end where ours end).
 
-The llama.cpp tests need llama-cpp-python (built portable: CMAKE_ARGS=-DGGML_NATIVE=OFF); .ci/run
-installs it, a user's `make test` skips them without it (README). They run on the models of the session's
+The llama.cpp tests need llama-cpp-python and llama-server (`make llamacpp` builds both, portable); .ci/run
+does, a user's `make test` skips them without it (README). They run on the models of the session's
 short pipeline: trained models, converted by the pipeline's own gguf stage.
 """
 
@@ -11,14 +11,15 @@ import subprocess
 import sys
 
 import gguf
+import httpx
 import pytest
 import torch
 
+from model import llama_server
 from model.export import CHAT_TEMPLATE, load_export
 from model.llamacpp import NEWLINE_PIECE, OUTTYPES
 from model.special_tokens import END_OF_TEXT_ID, USER_ID
 from model.tokenizer import Tokenizer
-from tests.tiny import make_exports
 
 # Our greedy token may differ from llama.cpp's only where ours wins by less than the error of the file's
 # number format. Measured on the short pipeline's models over these prompts: logits within 2.1e-3 of ours at
@@ -44,14 +45,14 @@ def field(reader, key):
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, tokenizer_model_file, tokenizer):
-    return make_exports(tmp_path_factory.mktemp("exports"), tokenizer_model_file, tokenizer.vocab_size)
+def models(tiny_exports):
+    return tiny_exports()
 
 
 @pytest.fixture(scope="module")
-def converted(exports, tmp_path_factory):
+def converted(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("gguf") / "gguf"
-    result = run_gguf_stage(exports["base"].parent, out)
+    result = run_gguf_stage(models, out)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -87,29 +88,29 @@ def test_the_stage_writes_both_models_at_f16_and_q8_0_with_what_llama_cpp_needs(
     assert 'PARAMETER stop "<|user|>"' in modelfile and "PARAMETER num_ctx 128\n" in modelfile
 
 
-def test_the_stage_is_byte_identical_on_rerun(exports, converted, tmp_path):
-    result = run_gguf_stage(exports["base"].parent, tmp_path / "again")
+def test_the_stage_is_byte_identical_on_rerun(models, converted, tmp_path):
+    result = run_gguf_stage(models, tmp_path / "again")
     assert result.returncode == 0, result.stderr
     for path in converted.iterdir():
         assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 @pytest.mark.parametrize("damage", ["missing folder", "missing tokenizer", "broken weights"])
-def test_a_missing_or_broken_export_is_one_clear_error_and_the_previous_files_stay(exports, tmp_path, damage):
-    models = tmp_path / "models"
-    shutil.copytree(exports["base"].parent, models)
+def test_a_missing_or_broken_export_is_one_clear_error_and_the_previous_files_stay(models, tmp_path, damage):
+    damaged = tmp_path / "models"
+    shutil.copytree(models, damaged)
     if damage == "missing folder":
-        shutil.rmtree(models / "chat")
+        shutil.rmtree(damaged / "chat")
     elif damage == "missing tokenizer":
-        (models / "chat" / "tokenizer.model").unlink()
+        (damaged / "chat" / "tokenizer.model").unlink()
     else:
-        (models / "chat" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}broken")
+        (damaged / "chat" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}broken")
     out = tmp_path / "gguf"
     out.mkdir()
     (out / "base-f16.gguf").write_bytes(b"the previous run's file")
-    result = run_gguf_stage(models, out)
+    result = run_gguf_stage(damaged, out)
     assert result.returncode == 1
-    assert str(models / "chat") in result.stderr and "Traceback" not in result.stderr
+    assert str(damaged / "chat") in result.stderr and "Traceback" not in result.stderr
     assert [path.name for path in out.iterdir()] == ["base-f16.gguf"]
     assert (out / "base-f16.gguf").read_bytes() == b"the previous run's file"
     assert not [path for path in tmp_path.iterdir() if ".tmp-" in path.name]
@@ -230,3 +231,58 @@ def test_llama_cpp_chats_with_our_template_and_ends_replies_where_we_do(pipeline
     assert llm.detokenize([newline]) == b"" and newline in llm.tokenize(b"a\nb", add_bos=False, special=True)
     with pytest.raises(Exception, match="only user and assistant messages"):
         llm.create_chat_completion([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+
+
+# llama.cpp's own server (`make llamacpp` builds it), as the README runs it: the chat template applied by its
+# jinja engine and its reply parsing, which llama-cpp-python's create_chat_completion does not go through.
+
+
+@pytest.fixture(scope="module")
+def llama_server_chat(pipeline_models, tmp_path_factory):
+    if not llama_server.binary().is_file():
+        pytest.skip(f"llama-server is not built ({llama_server.binary()} is missing: `make llamacpp`; README)")
+    root, _ = pipeline_models
+    log = tmp_path_factory.mktemp("llama-server") / "chat.log"
+    with llama_server.running(root / "serve/gguf/chat-q8_0.gguf", log) as url:
+        yield url, log
+
+
+def llama_server_reply(url, messages, max_tokens=30):
+    reply = httpx.post(
+        url + "/v1/chat/completions",
+        json={"messages": messages, "max_tokens": max_tokens, "temperature": 0.0},
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]
+
+
+def test_llama_server_replies_with_our_greedy_text_and_ends_replies_where_we_do(pipeline_models, llama_server_chat):
+    url, _ = llama_server_chat
+    root, tokenizer = pipeline_models
+    model, _ = load_export(root / "serve/models/chat")
+    for turns in CONVERSATIONS:
+        ours, margins = greedy_with_margins(model, tokenizer.chat_prompt(turns), 30, tokenizer.reply_end_ids)
+        messages = [{"role": "assistant" if i % 2 else "user", "content": turn} for i, turn in enumerate(turns)]
+        reply = llama_server_reply(url, messages)
+        text = reply["message"]["content"]
+        if reply["finish_reason"] == "stop":
+            assert ours[-1] in tokenizer.reply_end_ids, turns
+            ours = ours[:-1]
+        assert not text.endswith("\n"), turns
+        if text != tokenizer.decode(ours):
+            assert_same_greedy(ours, margins, tokenizer.encode(text), "q8_0", turns)
+
+
+def test_llama_server_merges_a_system_message_into_the_first_user_message_as_the_readme_says(llama_server_chat):
+    url, log = llama_server_chat
+    with_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where do you live?"}]
+    merged = [{"role": "user", "content": "Be brief.\nWhere do you live?"}]
+    assert llama_server_reply(url, with_system) == llama_server_reply(url, merged)
+    # The load-time warning the README explains (the end-of-turn and end-of-message tokens added to the
+    # end-of-generation set), and no other.
+    warnings = [line for line in log.read_text(errors="replace").splitlines() if "may be incorrect" in line]
+    assert {line.split(": ", 1)[1] for line in warnings} == {
+        "special_eot_id is not in special_eog_ids - the tokenizer config may be incorrect",
+        "special_eom_id is not in special_eog_ids - the tokenizer config may be incorrect",
+    }

@@ -23,8 +23,8 @@ import yaml
 
 from model.sources import HUB_ATTEMPTS as SOURCE_TRIES  # model/sources.py's tries of a hub call
 from tests.hub_standin import DATASETS_RETRIES, HubStandin, run_stages
+from tests.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = REPO_ROOT / "data" / "sample"
 HUB = {"wikipedia": "wikimedia/wikipedia", "c4": "allenai/c4", "dialog": "roskoN/dailydialog"}
 FOLDERS = {"wikipedia": SAMPLE / "wikipedia", "c4": SAMPLE / "c4", "dialog": SAMPLE / "dailydialog"}

@@ -2,7 +2,6 @@
 
 import copy
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,11 +9,10 @@ import yaml
 
 from model.gpt import GPT, IGNORE_INDEX, GPTConfig, apply_rope, load_model, rope_tables, save_model
 from model.params import ParamsError, parse_params
+from tests.paths import REPO_ROOT
 from tests.tiny import tiny_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_tokens(config, length, seed=0, batch=1):

@@ -13,8 +13,7 @@ from model import profiles
 from model.errors import PipelineError
 from model.params import MAX_UINT16_VOCAB, MIN_VOCAB, Params, ParamsError, load_params, parse_params
 from model.profiles import profile_text
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.paths import REPO_ROOT
 
 
 @pytest.fixture

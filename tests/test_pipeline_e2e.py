@@ -12,7 +12,6 @@ through export once; a second `dvc repro` must run nothing. Which stages ran is 
 
 import json
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,10 +22,10 @@ from model.dialog import SPLITS
 from model.encoding import pretraining_splits
 from model.special_tokens import END_OF_TEXT_ID
 from model.tokenizer import Tokenizer
+from tests.paths import REPO_ROOT
 from tests.pipeline_copy import SHORT_TRAINING, Workspace, clone_workspace, make_workspace, stages_that_ran
 
 pytestmark = pytest.mark.e2e
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DATA_STAGES = ("extract_wikipedia", "extract_c4", "extract_dialog", "combine", "build_bpe", "encode")
 

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -16,15 +17,14 @@ from model.special_tokens import END_OF_TEXT_ID
 from serve.app import create_app
 from serve.engine import PIPELINE_FROM
 from tests.server import RunningServer
-from tests.tiny import make_exports
 
 openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory, tokenizer_model_file, tokenizer):
+def models_dir(tmp_path_factory, tiny_exports):
     folder = tmp_path_factory.mktemp("models")
-    make_exports(folder / "models", tokenizer_model_file, tokenizer.vocab_size)
+    shutil.copytree(tiny_exports(), folder / "models")
     (folder / "models" / "broken").mkdir()
     (folder / "models" / "broken" / "config.json").write_text("{not json")
     return folder / "models"

@@ -17,17 +17,14 @@ from serve.app import create_app
 from serve.engine import PIPELINE_FROM, PREFILL_CHUNK
 from serve.schema import CompletionRequest
 from tests.server import RunningServer
-from tests.tiny import make_exports
 
 ROWS = 4  # batch rows of the small server: fewer than the generations the tests send at once
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory, tokenizer_model_file, tokenizer):
-    folder = tmp_path_factory.mktemp("faults")
-    make_exports(folder / "models", tokenizer_model_file, tokenizer.vocab_size, context_length=256)
-    return folder / "models"
+def models_dir(tiny_exports):
+    return tiny_exports(256)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
 from tests.server import RunningServer
-from tests.tiny import make_exports
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis.specs.openapi.checks import positive_data_acceptance  # noqa: E402
@@ -31,11 +30,9 @@ SENT = Counter()
 
 
 @pytest.fixture(scope="module")
-def api_schema(tmp_path_factory, tokenizer_model_file, tokenizer):
-    folder = tmp_path_factory.mktemp("fuzz")
-    make_exports(folder / "models", tokenizer_model_file, tokenizer.vocab_size)
+def api_schema(tiny_exports):
     # The time limit keeps the largest valid requests (16 prompts, n = 8, whole context) quick.
-    with RunningServer(folder / "models", api_key=API_KEY, max_generation_seconds=0.5) as server:
+    with RunningServer(tiny_exports(), api_key=API_KEY, max_generation_seconds=0.5) as server:
         yield schemathesis.openapi.from_url(server.url + "/openapi.json", headers=AUTHORIZATION)  # behind the key too
 
 

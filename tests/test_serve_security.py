@@ -14,7 +14,6 @@ import pytest
 from serve.__main__ import parse_args
 from tests.browser import headless_chromium
 from tests.server import RunningServer
-from tests.tiny import make_exports
 
 KEY = "s3cret-key"
 AUTHORIZED = {"Authorization": f"Bearer {KEY}"}
@@ -24,10 +23,8 @@ CHAT = {"model": "chat", "messages": [{"role": "user", "content": "Hello"}], "ma
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory, tokenizer_model_file, tokenizer):
-    folder = tmp_path_factory.mktemp("security")
-    make_exports(folder / "models", tokenizer_model_file, tokenizer.vocab_size, context_length=LONG + 48)
-    return folder / "models"
+def models_dir(tiny_exports):
+    return tiny_exports(LONG + 48)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from model.sources import SourceError, fetch_file, is_hub_id, stream_records
+from tests.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 C4_FILES = "realnewslike/c4-train.*-of-00512.json.gz"
 
 

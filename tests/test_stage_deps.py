@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from model.params import Params, TaskSourcesParams
+from tests.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("model", "stages")
 
 
@@ -90,6 +90,7 @@ INTENDED_RERUNS = {
     "model/generate.py": {"evaluate"},
     "model/gpt.py": {"pretrain", "finetune", "evaluate", "export"},
     "model/llamacpp.py": {"gguf"},
+    "model/llama_server.py": set(),
     "model/params.py": EVERY_STAGE - {"encode", "gguf"},
     "model/profiles.py": set(),
     "model/rowwise.py": set(),

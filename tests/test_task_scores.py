@@ -30,10 +30,9 @@ from model.task_scores import (
     stock_tasks,
 )
 from stages.task_scores import main
+from tests.paths import REPO_ROOT
 from tests.server import RunningServer
-from tests.tiny import make_exports
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_SOURCES = {
     "blimp": "blimp",
     "lambada_openai": "lambada_openai",
@@ -51,8 +50,8 @@ def sample_source(task):
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory, tokenizer_model_file, tokenizer):
-    return make_exports(tmp_path_factory.mktemp("exports"), tokenizer_model_file, tokenizer.vocab_size)
+def models(tiny_exports):
+    return tiny_exports()
 
 
 def write_params(folder, **sources):
@@ -62,19 +61,19 @@ def write_params(folder, **sources):
     (Path(folder) / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
 
 
-def run_in(folder, exports, monkeypatch):
+def run_in(folder, models, monkeypatch):
     """Runs the stage in `folder` (where its params.yaml is); returns (metrics path, plots folder)."""
     monkeypatch.chdir(folder)
-    main(str(exports["base"].parent), "metrics/task_scores.json", "metrics/task_scores")
+    main(str(models), "metrics/task_scores.json", "metrics/task_scores")
     return Path(folder) / "metrics" / "task_scores.json", Path(folder) / "metrics" / "task_scores"
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory, exports):
+def first_run(tmp_path_factory, models):
     folder = tmp_path_factory.mktemp("stage")
     write_params(folder)
     with pytest.MonkeyPatch.context() as monkeypatch:
-        metrics, plots = run_in(folder, exports, monkeypatch)
+        metrics, plots = run_in(folder, models, monkeypatch)
     return metrics, plots
 
 
@@ -101,19 +100,19 @@ def test_the_stage_scores_every_task_of_both_exports(first_run):
         assert rows == [{"task": task, "acc": tasks[task]["acc"]} for task in SUITE]
 
 
-def test_a_rerun_writes_byte_identical_files(first_run, exports, tmp_path, monkeypatch):
+def test_a_rerun_writes_byte_identical_files(first_run, models, tmp_path, monkeypatch):
     metrics, plots = first_run
     write_params(tmp_path)
-    again, again_plots = run_in(tmp_path, exports, monkeypatch)
+    again, again_plots = run_in(tmp_path, models, monkeypatch)
     assert again.read_bytes() == metrics.read_bytes()
     for name in ("base.json", "chat.json"):
         assert (again_plots / name).read_bytes() == (plots / name).read_bytes()
 
 
-def test_every_scored_text_starts_with_end_of_text(exports):
-    tokenizer = scoring_tokenizer(exports["base"])
+def test_every_scored_text_starts_with_end_of_text(models):
+    tokenizer = scoring_tokenizer(models / "base")
     assert tokenizer.encode("Question: why?")[0] == END_OF_TEXT_ID
-    scorer = load_scorer(exports["base"], 4, "cpu")
+    scorer = load_scorer(models / "base", 4, "cpu")
     assert scorer.prefix_token_id == END_OF_TEXT_ID  # the context of BLiMP's sentences, which have no prompt
     assert scorer.tok_encode("Question: why?")[0] == END_OF_TEXT_ID
 
@@ -144,9 +143,8 @@ def _sources(**overrides):
     return TaskSourcesParams(**{task: overrides.get(task, sample_source(task)) for task in SUITE})
 
 
-def test_a_task_with_no_item_that_fits_the_context_is_an_error(tokenizer_model_file, tokenizer, tmp_path):
-    short = make_exports(tmp_path, tokenizer_model_file, tokenizer.vocab_size, context_length=16)
-    scorer = load_scorer(short["base"], 4, "cpu")
+def test_a_task_with_no_item_that_fits_the_context_is_an_error(tiny_exports):
+    scorer = load_scorer(tiny_exports(16) / "base", 4, "cpu")
     with pytest.raises(
         TaskScoresError,
         match="task_scores.tasks.lambada_openai: '.*' has no item of lm-eval's "
@@ -213,7 +211,7 @@ def test_a_missing_export_is_named(tmp_path):
         check_export(tmp_path / "base")
 
 
-def test_the_stage_reports_a_missing_source_in_one_line_and_writes_no_metrics(exports, tmp_path):
+def test_the_stage_reports_a_missing_source_in_one_line_and_writes_no_metrics(models, tmp_path):
     missing = tmp_path / "no-such-folder"
     write_params(tmp_path, hellaswag=str(missing))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -222,7 +220,7 @@ def test_the_stage_reports_a_missing_source_in_one_line_and_writes_no_metrics(ex
             sys.executable,
             "-m",
             "stages.task_scores",
-            str(exports["base"].parent),
+            str(models),
             "metrics/task_scores.json",
             "metrics/task_scores",
         ],
@@ -242,12 +240,11 @@ def test_the_stage_reports_a_missing_source_in_one_line_and_writes_no_metrics(ex
     assert not (tmp_path / "metrics").exists()
 
 
-def test_a_failure_on_the_second_model_writes_no_file(exports, tokenizer_model_file, tokenizer, tmp_path, monkeypatch):
+def test_a_failure_on_the_second_model_writes_no_file(tiny_exports, tmp_path, monkeypatch):
     """base scores, then chat (a context too short for any LAMBADA passage) fails: neither output appears."""
     models = tmp_path / "models"
-    shutil.copytree(exports["base"], models / "base")
-    short = make_exports(tmp_path / "short", tokenizer_model_file, tokenizer.vocab_size, context_length=16)
-    shutil.copytree(short["chat"], models / "chat")
+    shutil.copytree(tiny_exports() / "base", models / "base")
+    shutil.copytree(tiny_exports(16) / "chat", models / "chat")
     write_params(tmp_path)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(TaskScoresError, match="lambada_openai"):
@@ -268,11 +265,11 @@ def _per_item_loglikelihoods(results):
 
 
 @pytest.mark.parametrize("task", ["blimp", "arc_easy"])  # BLiMP's items have no context: lm-eval's prefix token
-def test_lm_eval_scores_the_server_as_its_hf_model_scores_the_export(exports, task):
+def test_lm_eval_scores_the_server_as_its_hf_model_scores_the_export(models, task):
     """lm-eval's `local-completions` model against `python -m serve` (fp32), with the tokenizer backend it
     detects by itself (ours: /tokenizer_info, /tokenize), gives every item the log-likelihoods, and every task
     the accuracy, that lm-eval's `hf` model gives on the same export, fed the same tokens."""
-    with RunningServer(exports["base"].parent, precision="fp32") as server:
+    with RunningServer(models, precision="fp32") as server:
         served = lm_eval.simple_evaluate(
             model="local-completions",
             tasks=[load_task(task, sample_source(task)).spec],
@@ -284,7 +281,7 @@ def test_lm_eval_scores_the_server_as_its_hf_model_scores_the_export(exports, ta
     # <|endoftext|> unless told not to.
     exported = lm_eval.simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(exports["base"]), "dtype": "float32", "device": "cpu", "add_bos_token": False},
+        model_args={"pretrained": str(models / "base"), "dtype": "float32", "device": "cpu", "add_bos_token": False},
         tasks=[load_task(task, sample_source(task)).spec],
         task_manager=stock_tasks(),
         log_samples=True,

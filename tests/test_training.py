@@ -19,9 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # as a torchrun worker script
-    sys.path.insert(0, str(REPO_ROOT))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # as a torchrun worker script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.batches import batch_rng, dialogue_batch, pretraining_batch  # noqa: E402
 from model.encoding import encode_dialogues  # noqa: E402
@@ -43,6 +42,7 @@ from model.training import (  # noqa: E402
     train,
 )
 from tests import tiny  # noqa: E402
+from tests.paths import REPO_ROOT  # noqa: E402
 
 VOCAB = 128
 CONTEXT = 16
@@ -55,36 +55,21 @@ def tiny_model(seed=0, **overrides):
 CPU = torch.device("cpu")
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 @pytest.fixture(autouse=True)
-def one_thread_and_scratch_cwd(tmp_path, monkeypatch):
-    """Tiny models run fastest on one thread; dvclive writes nothing into the repo."""
+def scratch_cwd(tmp_path, monkeypatch):
+    """dvclive writes nothing into the repo."""
     monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
     monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- fixtures: a Markov chain, a tiny model, training params --------------------------------------
 
 
-def successor_table(seed=0):
-    """Each token has two distinct successors, each taken with probability 1/2: entropy ln 2 per token."""
-    rng = np.random.default_rng(seed)
-    first = rng.permutation(VOCAB)
-    second = (first + 1 + rng.integers(0, VOCAB - 1, size=VOCAB)) % VOCAB
-    return np.stack([first, second], axis=1)
-
-
-def markov_chain(n_tokens, seed, table_seed=0):
-    table = successor_table(table_seed)
-    coins = np.random.default_rng(seed).integers(0, 2, size=n_tokens)
-    tokens = np.empty(n_tokens, dtype=np.uint16)  # the dtype of the real token arrays
-    tokens[0] = 0
-    for i in range(1, n_tokens):
-        tokens[i] = table[tokens[i - 1], coins[i]]
-    return tokens
+def markov_chain(n_tokens, seed):
+    return tiny.markov_chain(n_tokens, seed, VOCAB)
 
 
 def train_params(**overrides):

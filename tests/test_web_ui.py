@@ -7,7 +7,6 @@ from PIL import Image
 
 from tests.browser import CHROMEDRIVER, CHROMIUM, headless_chromium
 from tests.server import RunningServer
-from tests.tiny import make_exports
 
 pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -17,11 +16,9 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs D
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory, tokenizer_model_file, tokenizer):
-    folder = tmp_path_factory.mktemp("ui")
-    make_exports(folder / "models", tokenizer_model_file, tokenizer.vocab_size)
-    with RunningServer(folder / "models") as server:
-        browser = headless_chromium(folder / "profile")
+def page(tmp_path_factory, tiny_exports):
+    with RunningServer(tiny_exports()) as server:
+        browser = headless_chromium(tmp_path_factory.mktemp("ui") / "profile")
         try:
             browser.get(server.url + "/")
             WebDriverWait(browser, 20).until(lambda b: len(Select(b.find_element(By.ID, "model")).options) == 2)

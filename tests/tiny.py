@@ -3,6 +3,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from model.export import export_model
@@ -48,3 +49,18 @@ def make_exports(folder, tokenizer_path, vocab_size, context_length=128):
         folders[name] = Path(folder) / name
         export_model(model, tokenizer_path, folders[name], name, chat, summary, generation)
     return folders
+
+
+def markov_chain(n_tokens, seed, vocab_size, table_seed=0):
+    """A token stream (uint16, as the real token arrays) in which each token is followed by one of two distinct
+    successors, each with probability 1/2: a model that learns the table reaches ln 2 nats per token."""
+    rng = np.random.default_rng(table_seed)
+    first = rng.permutation(vocab_size)
+    second = (first + 1 + rng.integers(0, vocab_size - 1, size=vocab_size)) % vocab_size
+    successors = np.stack([first, second], axis=1)
+    coins = np.random.default_rng(seed).integers(0, 2, size=n_tokens)
+    tokens = np.empty(n_tokens, dtype=np.uint16)
+    tokens[0] = 0
+    for i in range(1, n_tokens):
+        tokens[i] = successors[tokens[i - 1], coins[i]]
+    return tokens
