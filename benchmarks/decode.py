@@ -30,8 +30,8 @@ from benchmarks.report import machine_line, write_section
 from benchmarks.serve_load import PROMPT, build_export
 from model.export import load_export
 from model.generate import Sampling
-from model.rowwise import RowwiseDecoder, rowwise_cache, rowwise_model
 from serve.engine import Engine
+from serve.kernel import RowwiseDecoder, rowwise_cache, rowwise_model
 
 COMMAND = ".venv/bin/python -m benchmarks.decode"
 REPEATS = 3

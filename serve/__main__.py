@@ -13,9 +13,9 @@ import os
 import torch
 import uvicorn
 
-from model.rowwise import PRECISIONS
 from serve.app import BODY_SECONDS, LOOPBACK_HOSTS, MAX_BODY_BYTES, MAX_GENERATION_SECONDS, MAX_QUEUE, create_app
 from serve.engine import DEFAULT_PRECISION, DEFAULT_THREADS
+from serve.kernel import PRECISIONS
 from serve.protocol import HEADER_SECONDS, MAX_CONNECTIONS, WRITE_SECONDS, uvicorn_settings
 
 

@@ -4,7 +4,7 @@ thread for the decode kernel when the batch steps in halves, below).
 Each request owns a row of a shared KV cache from admission to its end. Its prompt is prefilled in
 chunks of PREFILL_CHUNK tokens, one chunk between two decode steps, so a long prompt delays the
 other requests' next tokens by one chunk at most. Once prefilled, it joins the batch: one call of
-the decode kernel per step (model/rowwise.py) produces the next token of every decoding request. A
+the decode kernel per step (serve/kernel.py) produces the next token of every decoding request. A
 finished (or abandoned) request leaves at once and its row is free for the next one.
 
 From PIPELINE_FROM decoding requests on, when the kernel's threads leave a core free, the batch steps
@@ -14,7 +14,7 @@ Python work (some tenth of a 16-request step) then runs on the free core: 8% mor
 streams, 20% at 64, with the server's default single kernel thread on 2 cores.
 
 A request's text never depends on what else is batched: the linear layers compute every row on
-its own and attention runs sequence by sequence (model/rowwise.py), the chunks of a prompt are
+its own and attention runs sequence by sequence (serve/kernel.py), the chunks of a prompt are
 fixed by the prompt alone, and sampling draws from the request's own stream (model/generate.py).
 The HTTP side never waits on the model: tokens arrive through an asyncio queue.
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.generate import Sequence, next_tokens, random_stream
-from model.rowwise import RowwiseDecoder, rowwise_cache, rowwise_model
+from serve.kernel import RowwiseDecoder, rowwise_cache, rowwise_model
 
 log = logging.getLogger("serve")
 DEFAULT_PRECISION = "int8"

@@ -6,7 +6,7 @@ import torch
 
 from model.generate import Sampling, Sequence, generate, logits_to_probs, next_tokens, random_stream
 from model.gpt import KVCache
-from model.rowwise import PRECISIONS, RowwiseDecoder, RowwiseLinear, RowwiseRMSNorm, rowwise_cache, rowwise_model
+from serve.kernel import PRECISIONS, RowwiseDecoder, RowwiseLinear, RowwiseRMSNorm, rowwise_cache, rowwise_model
 from tests.tiny import markov_chain, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

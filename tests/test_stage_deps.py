@@ -93,7 +93,6 @@ INTENDED_RERUNS = {
     "model/llama_server.py": set(),
     "model/params.py": EVERY_STAGE - {"encode", "gguf"},
     "model/profiles.py": set(),
-    "model/rowwise.py": set(),
     "model/sources.py": {"extract_wikipedia", "extract_c4", "extract_dialog", "task_scores"},
     "model/special_tokens.py": {"extract_dialog", "build_bpe", "encode", "evaluate", "export", "gguf", "task_scores"},
     "model/task_scores.py": {"task_scores"},

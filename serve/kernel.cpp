@@ -24,7 +24,7 @@ static inline f8 load(const float* p) {
     return v;
 }
 
-// The int8 server's KV cache holds IEEE half floats (see model/rowwise.py). F16C converts them where the CPU
+// The int8 server's KV cache holds IEEE half floats (see serve/kernel.py). F16C converts them where the CPU
 // has it (every AVX2 CPU; the bits are kept as uint16_t, so compilers without _Float16 on x86, such as g++ 11,
 // build this too); elsewhere the compiler's _Float16 does. Both round to nearest even, as torch does.
 #ifdef __F16C__

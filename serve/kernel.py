@@ -1,5 +1,5 @@
 """Linear layers, norms and the decode step whose every output row depends on its own input row only
-(model/rowwise.cpp).
+(serve/kernel.cpp).
 
 The server decodes many requests in one batch. With BLAS matrix products a row's results change in
 their last bits with the number of rows beside it (the library picks its kernel by shape), which is
@@ -31,7 +31,7 @@ import torch.nn as nn
 from model.errors import PipelineError
 from model.gpt import KVCache
 
-SOURCE = Path(__file__).with_name("rowwise.cpp")
+SOURCE = Path(__file__).with_name("kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 PRECISIONS = ("int8", "fp32")
 # The KV cache's numbers at each precision. Decoding many long sequences reads the cache more than the
@@ -139,7 +139,7 @@ class RowwiseLinear(nn.Module):
 
 
 class RowwiseRMSNorm(nn.Module):
-    """nn.RMSNorm in model/rowwise.cpp: torch's takes some 50 microseconds for one row of 320 on a small CPU,
+    """nn.RMSNorm in serve/kernel.cpp: torch's takes some 50 microseconds for one row of 320 on a small CPU,
     more than the linear layer after it, and decoding normalises 13 rows per token."""
 
     def __init__(self, norm):
@@ -157,7 +157,7 @@ class RowwiseRMSNorm(nn.Module):
 
 
 class RowwiseDecoder:
-    """The decode step of a rowwise_model, one new token per sequence, in one kernel call (model/rowwise.cpp's
+    """The decode step of a rowwise_model, one new token per sequence, in one kernel call (serve/kernel.cpp's
     decode_step: the model's forward pass for one token with a cache, every row independent of the others).
 
     From Python the same step is some forty module calls and as many small tensors per token, which on a
