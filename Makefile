@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 
 .PHONY: setup repro test llamacpp profile ryangpt bench
 
-setup: $(VENV)/.installed node_modules/.installed $(VENV)/llama.cpp/VERSION
+setup: $(VENV)/.installed node_modules/.installed $(VENV)/llama.cpp/VERSION $(VENV)/serve-kernel/built
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -17,6 +17,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 $(VENV)/llama.cpp/VERSION: $(VENV)/.installed model/llamacpp.py
 	$(BIN)/python -m model.llamacpp
 	touch $@
+
+# The server's decode kernel (serve/kernel.cpp), compiled here once so that the server compiles nothing. Without a
+# C++ compiler this says so in one line and goes on (the pipeline needs none), and tries again on the next run.
+$(VENV)/serve-kernel/built: $(VENV)/.installed serve/kernel.cpp serve/kernel.py
+	$(BIN)/python -m serve.kernel
 
 # The plots page's JavaScript (vega, from the npm registry), so `dvc plots show` renders offline.
 node_modules/.installed: package.json package-lock.json

@@ -5,11 +5,19 @@
 // rows computed beside it, and sampled text on the requests batched with it.
 // Built with -ffp-contract=off, so the compiler fuses no a * b + c on its own: multiply_add decides, the
 // same way in every tile shape.
+//
+// Its entry points are PyTorch operators (torch.ops.rowwise.*, at the end of this file): tensors in and out, each
+// checked at the boundary for device, dtype, shape and contiguity, and the indexes a step reads by checked
+// against the tensors they index, so that a wrong argument is an error, never a read out of bounds.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <string>
 #include <utility>
 #include <vector>
 #if defined(__AVX2__) || defined(__FMA__) || defined(__F16C__)
@@ -88,8 +96,7 @@ static inline void tile(const float* x, const W* w, int64_t K, float* y, int64_t
         }
 }
 
-// The weight's arguments come first, so that Python can bind them once per layer.
-extern "C" void linear_f32(const float* w, int64_t N, int64_t K, const float* x, float* y, int64_t B,
+static void linear_f32(const float* w, int64_t N, int64_t K, const float* x, float* y, int64_t B,
                            int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n += 4) {
@@ -208,11 +215,6 @@ static void integer_linear(const RoundedRows& x, const int8_t* w, const float* s
     }
 }
 
-extern "C" void linear_i8(const int8_t* w, const float* scale, int64_t N, int64_t K, const float* x, float* y,
-                          int64_t B, int threads) {
-    integer_linear(round_rows(x, B, K), w, scale, N, K, y, B, threads);
-}
-
 // Attention of one new token per sequence, the decode step's: for each sequence b and head h, its new
 // key and value are stored at position ends[b] - 1 of its cache row rows[b], then its query attends to
 // positions 0 .. ends[b] - 1 of that row. Every sum runs in a fixed order over that sequence's own
@@ -263,7 +265,7 @@ static void decode_attention(const float* queries, const float* new_keys, const 
 }
 
 // RMSNorm of each row: x / sqrt(mean(x^2) + eps) * weight, the sum of squares in the fixed order of tile().
-extern "C" void rms_norm(const float* weight, int64_t D, float eps, const float* x, float* y, int64_t B) {
+static void rms_norm(const float* weight, int64_t D, float eps, const float* x, float* y, int64_t B) {
     for (int64_t b = 0; b < B; b++) {
         const float* row = x + b * D;
         float squares = 0.0f;
@@ -273,14 +275,7 @@ extern "C" void rms_norm(const float* weight, int64_t D, float eps, const float*
     }
 }
 
-// The whole decode step: one new token for each of B sequences, through every layer to the logits, in one
-// call (from Python, the same step costs some forty module calls and as many small tensors per token).
-// It is the model's forward pass (model/gpt.py) for one token with a cache, built from the kernels above,
-// so every row stays independent of the others.
-// layers: per layer the addresses of attn_norm, q, k, v, o, mlp_norm, gate, up, down (a linear layer's
-// weight then its int8 scale, 0 for fp32); head: final norm, lm_head weight, lm_head scale.
-// keys, values: the cache, (layers, cache rows, H, L, D), float or (half_cache) half; rope_cos, rope_sin:
-// (L, D).
+// A projection's weight (float, or int8 with one scale per output row: scale is then not null).
 struct Projection {
     const void* weight;
     const float* scale;
@@ -306,53 +301,202 @@ static void rotate(float* x, const float* cos, const float* sin, int64_t D) {  /
     }
 }
 
-extern "C" void decode_step(const int64_t* layers, const int64_t* head, const float* embed, int64_t n_layers,
-                            int64_t width, int64_t heads, int64_t hidden, int64_t vocab, float eps,
-                            const float* rope_cos, const float* rope_sin, const int64_t* tokens, const int64_t* rows,
-                            const int64_t* positions, int64_t B, void* keys, void* values, int64_t half_cache,
-                            int64_t cache_rows, int64_t L, float* logits, int threads) {
+// --- the operators: the typed boundary ------------------------------------------------------------------------
+
+// One block's weights in the order the decode step reads them: each the name of a module of model/gpt.py's Block
+// whose `weight` it is. serve/kernel.py takes the model's tensors by these names, and refuses a model whose
+// blocks hold any parameter not named here, so the two definitions of the architecture cannot drift apart
+// unnoticed. BlockWeight indexes the same list.
+static const std::vector<std::string> BLOCK_WEIGHTS = {
+    "attn_norm", "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj",
+    "mlp_norm",  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"};
+enum BlockWeight { ATTN_NORM, Q, K, V, O, MLP_NORM, GATE, UP, DOWN, WEIGHTS_PER_BLOCK };
+
+static void check_dense(const at::Tensor& t, at::ScalarType dtype, const char* what) {
+    TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU, not ", t.device());
+    TORCH_CHECK(t.scalar_type() == dtype, what, " must be ", dtype, ", not ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
+}
+
+static void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* what) {
+    TORCH_CHECK(t.sizes() == shape, what, " must have shape ", shape, ", not ", t.sizes());
+}
+
+// A linear layer's weight (N, K), float32, or int8 with its float32 scale (N,); returns it as a Projection.
+static Projection projection(const at::Tensor& weight, const std::optional<at::Tensor>& scale, int64_t N, int64_t K,
+                             const char* what) {
+    TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kChar, what,
+                " must be float32 or int8, not ", weight.scalar_type());
+    check_dense(weight, weight.scalar_type(), what);
+    check_shape(weight, {N, K}, what);
+    if (weight.scalar_type() == at::kFloat) {
+        TORCH_CHECK(!scale.has_value(), what, ": a float32 weight takes no scale");
+        return {weight.data_ptr(), nullptr};
+    }
+    TORCH_CHECK(scale.has_value(), what, ": an int8 weight needs its scale");
+    check_dense(*scale, at::kFloat, "a scale");
+    check_shape(*scale, {N}, "a scale");
+    return {weight.data_ptr(), scale->data_ptr<float>()};
+}
+
+static at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
+                         int64_t threads) {
+    check_dense(x, at::kFloat, "x");
+    TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2, "x (..., K) and a weight (N, K) expected");
+    const int64_t N = weight.size(0), K = weight.size(1);
+    TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features; the weight takes ", K);
+    Projection p = projection(weight, scale, N, K, "the weight");
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = N;
+    at::Tensor y = at::empty(shape, x.options());
+    project({{p, y.data_ptr<float>()}}, N, K, x.data_ptr<float>(), x.numel() / K, threads);
+    return y;
+}
+
+static at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps) {
+    check_dense(x, at::kFloat, "x");
+    check_dense(weight, at::kFloat, "the norm's weight");
+    TORCH_CHECK(weight.dim() == 1 && x.dim() >= 1 && x.size(-1) == weight.size(0), "x (..., ", weight.size(0),
+                ") expected, not ", x.sizes());
+    at::Tensor y = at::empty_like(x);
+    const int64_t D = weight.size(0);
+    rms_norm(weight.data_ptr<float>(), D, static_cast<float>(eps), x.data_ptr<float>(), y.data_ptr<float>(),
+             x.numel() / D);
+    return y;
+}
+
+// The whole decode step: one new token for each of B sequences, through every layer to the logits, in one call
+// (from Python, the same step costs some forty module calls and as many small tensors per token). It is
+// model/gpt.py's forward pass for one token with a cache, built from the kernels above, every row on its own.
+// tokens, rows, positions: (B,) int64; the new token of sequence b is at position positions[b] of cache row
+// rows[b], whose earlier positions the cache holds. weights, scales: per layer, BLOCK_WEIGHTS's tensors and
+// their int8 scales (none for norms and float weights). keys, values: (layers, cache rows, heads, L, head size),
+// float32 or float16. rope_cos, rope_sin: (L or more, head size).
+static at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& rows, const at::Tensor& positions,
+                              const at::Tensor& embed, at::TensorList weights,
+                              const c10::List<std::optional<at::Tensor>>& scales, const at::Tensor& final_norm,
+                              const at::Tensor& head, const std::optional<at::Tensor>& head_scale,
+                              const at::Tensor& rope_cos, const at::Tensor& rope_sin, const at::Tensor& keys,
+                              const at::Tensor& values, int64_t heads, double eps, int64_t threads) {
+    check_dense(embed, at::kFloat, "embed");
+    TORCH_CHECK(embed.dim() == 2, "embed must be (vocab, width)");
+    const int64_t vocab = embed.size(0), width = embed.size(1);
+    TORCH_CHECK(heads > 0 && width % heads == 0 && width / heads % 2 == 0,
+                "heads must split the width into even head sizes");
     const int64_t D = width / heads;
-    auto projection = [](const int64_t* entry) {
-        return Projection{reinterpret_cast<const void*>(entry[0]), reinterpret_cast<const float*>(entry[1])};
+    TORCH_CHECK(!weights.empty() && weights.size() % WEIGHTS_PER_BLOCK == 0 && scales.size() == weights.size(),
+                "weights and scales: ", static_cast<int>(WEIGHTS_PER_BLOCK), " per layer each (BLOCK_WEIGHTS)");
+    const int64_t n_layers = weights.size() / WEIGHTS_PER_BLOCK;
+    TORCH_CHECK(weights[GATE].dim() == 2, "a feed-forward weight must be 2-D");
+    const int64_t hidden = weights[GATE].size(0);
+    for (const at::Tensor* t : {&keys, &values}) {
+        TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf,
+                    "the cache must be float32 or float16");
+        check_dense(*t, keys.scalar_type(), "the cache's keys and values");
+        TORCH_CHECK(t->dim() == 5 && t->size(0) == n_layers && t->size(2) == heads && t->size(4) == D,
+                    "the cache must be (", n_layers, ", rows, ", heads, ", length, ", D, "), not ", t->sizes());
+    }
+    check_shape(values, keys.sizes(), "the cache's values");
+    const int64_t cache_rows = keys.size(1), L = keys.size(3);
+    for (const at::Tensor* t : {&rope_cos, &rope_sin}) {
+        check_dense(*t, at::kFloat, "the rotary tables");
+        TORCH_CHECK(t->dim() == 2 && t->size(0) >= L && t->size(1) == D, "the rotary tables must be (>= ", L, ", ",
+                    D, ")");
+    }
+    const int64_t B = tokens.numel();
+    for (const at::Tensor* t : {&tokens, &rows, &positions}) {
+        check_dense(*t, at::kLong, "tokens, rows and positions");
+        check_shape(*t, {B}, "tokens, rows and positions");
+    }
+    const int64_t* token = tokens.data_ptr<int64_t>();
+    const int64_t* row = rows.data_ptr<int64_t>();
+    const int64_t* position = positions.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; b++) {
+        TORCH_CHECK(0 <= token[b] && token[b] < vocab, "token ", token[b], " is not in the vocabulary of ", vocab);
+        TORCH_CHECK(0 <= row[b] && row[b] < cache_rows, "row ", row[b], " is not in the cache's ", cache_rows);
+        TORCH_CHECK(0 <= position[b] && position[b] < L, "position ", position[b], " is past the cache's ", L);
+    }
+
+    struct Layer {
+        const float *attn_norm, *mlp_norm;
+        Projection q, k, v, o, gate, up, down;
     };
+    std::vector<Layer> layers(n_layers);
+    for (int64_t l = 0; l < n_layers; l++) {
+        auto at = [&](BlockWeight w) -> const at::Tensor& { return weights[l * WEIGHTS_PER_BLOCK + w]; };
+        auto scale = [&](BlockWeight w) { return scales.get(l * WEIGHTS_PER_BLOCK + w); };
+        for (BlockWeight norm : {ATTN_NORM, MLP_NORM}) {
+            check_dense(at(norm), at::kFloat, "a norm's weight");
+            check_shape(at(norm), {width}, "a norm's weight");
+            TORCH_CHECK(!scale(norm).has_value(), "a norm's weight takes no scale");
+        }
+        layers[l] = {at(ATTN_NORM).data_ptr<float>(),
+                     at(MLP_NORM).data_ptr<float>(),
+                     projection(at(Q), scale(Q), width, width, "q_proj"),
+                     projection(at(K), scale(K), width, width, "k_proj"),
+                     projection(at(V), scale(V), width, width, "v_proj"),
+                     projection(at(O), scale(O), width, width, "o_proj"),
+                     projection(at(GATE), scale(GATE), hidden, width, "gate_proj"),
+                     projection(at(UP), scale(UP), hidden, width, "up_proj"),
+                     projection(at(DOWN), scale(DOWN), width, hidden, "down_proj")};
+    }
+    check_dense(final_norm, at::kFloat, "the final norm's weight");
+    check_shape(final_norm, {width}, "the final norm's weight");
+    Projection output = projection(head, head_scale, vocab, width, "the output head");
+
+    at::Tensor logits = at::empty({B, vocab}, embed.options());
+    const int n_threads = static_cast<int>(threads);
+    const float epsilon = static_cast<float>(eps), scale = 1.0f / std::sqrt(static_cast<float>(D));
     std::vector<float> x(B * width), normed(B * width), q(B * width), k(B * width), v(B * width),
         attended(B * width), update(B * width), gate(B * hidden), up(B * hidden);
     std::vector<int64_t> ends(B);
     for (int64_t b = 0; b < B; b++) {
-        std::memcpy(&x[b * width], embed + tokens[b] * width, width * sizeof(float));
-        ends[b] = positions[b] + 1;
+        std::memcpy(&x[b * width], embed.data_ptr<float>() + token[b] * width, width * sizeof(float));
+        ends[b] = position[b] + 1;
     }
-    for (int64_t layer = 0; layer < n_layers; layer++) {
-        const int64_t* entry = layers + layer * 16;  // norm, q (2), k (2), v (2), o (2), norm, gate (2), up (2), down (2)
-        rms_norm(reinterpret_cast<const float*>(entry[0]), width, eps, x.data(), normed.data(), B);
-        project({{projection(entry + 1), q.data()}, {projection(entry + 3), k.data()}, {projection(entry + 5), v.data()}},
-                width, width, normed.data(), B, threads);
+    for (int64_t l = 0; l < n_layers; l++) {
+        const Layer& layer = layers[l];
+        rms_norm(layer.attn_norm, width, epsilon, x.data(), normed.data(), B);
+        project({{layer.q, q.data()}, {layer.k, k.data()}, {layer.v, v.data()}}, width, width, normed.data(), B,
+                n_threads);
         for (int64_t b = 0; b < B; b++)
             for (int64_t h = 0; h < heads; h++) {
-                const float* cos = rope_cos + positions[b] * D;
-                const float* sin = rope_sin + positions[b] * D;
+                const float* cos = rope_cos.data_ptr<float>() + position[b] * D;
+                const float* sin = rope_sin.data_ptr<float>() + position[b] * D;
                 rotate(&q[(b * heads + h) * D], cos, sin, D);
                 rotate(&k[(b * heads + h) * D], cos, sin, D);
             }
-        int64_t layer_offset = layer * cache_rows * heads * L * D;
-        float scale = 1.0f / std::sqrt(static_cast<float>(D));
-        if (half_cache)
-            decode_attention(q.data(), k.data(), v.data(), static_cast<half*>(keys) + layer_offset,
-                             static_cast<half*>(values) + layer_offset, rows, ends.data(), attended.data(), B,
-                             heads, L, D, scale, threads);
-        else
-            decode_attention(q.data(), k.data(), v.data(), static_cast<float*>(keys) + layer_offset,
-                             static_cast<float*>(values) + layer_offset, rows, ends.data(), attended.data(), B, heads,
-                             L, D, scale, threads);
-        project({{projection(entry + 7), update.data()}}, width, width, attended.data(), B, threads);
+        if (keys.scalar_type() == at::kHalf) {
+            auto* key_cache = reinterpret_cast<half*>(keys[l].data_ptr<at::Half>());
+            auto* value_cache = reinterpret_cast<half*>(values[l].data_ptr<at::Half>());
+            decode_attention(q.data(), k.data(), v.data(), key_cache, value_cache, row, ends.data(), attended.data(),
+                             B, heads, L, D, scale, n_threads);
+        } else {
+            decode_attention(q.data(), k.data(), v.data(), keys[l].data_ptr<float>(), values[l].data_ptr<float>(),
+                             row, ends.data(), attended.data(), B, heads, L, D, scale, n_threads);
+        }
+        project({{layer.o, update.data()}}, width, width, attended.data(), B, n_threads);
         for (int64_t i = 0; i < B * width; i++) x[i] += update[i];
-        rms_norm(reinterpret_cast<const float*>(entry[9]), width, eps, x.data(), normed.data(), B);
-        project({{projection(entry + 10), gate.data()}, {projection(entry + 12), up.data()}}, hidden, width,
-                normed.data(), B, threads);
+        rms_norm(layer.mlp_norm, width, epsilon, x.data(), normed.data(), B);
+        project({{layer.gate, gate.data()}, {layer.up, up.data()}}, hidden, width, normed.data(), B, n_threads);
         for (int64_t i = 0; i < B * hidden; i++) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-        project({{projection(entry + 14), update.data()}}, width, hidden, gate.data(), B, threads);
+        project({{layer.down, update.data()}}, width, hidden, gate.data(), B, n_threads);
         for (int64_t i = 0; i < B * width; i++) x[i] += update[i];
     }
-    rms_norm(reinterpret_cast<const float*>(head[0]), width, eps, x.data(), normed.data(), B);
-    project({{projection(head + 1), logits}}, vocab, width, normed.data(), B, threads);
+    rms_norm(final_norm.data_ptr<float>(), width, epsilon, x.data(), normed.data(), B);
+    project({{output, logits.data_ptr<float>()}}, vocab, width, normed.data(), B, n_threads);
+    return logits;
+}
+
+static std::vector<std::string> block_weights() { return BLOCK_WEIGHTS; }
+
+TORCH_LIBRARY(rowwise, m) {
+    m.def("linear(Tensor x, Tensor weight, Tensor? scale, int threads) -> Tensor", &linear);
+    m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm_rows);
+    m.def(
+        "decode_step(Tensor tokens, Tensor rows, Tensor positions, Tensor embed, Tensor[] weights, "
+        "Tensor?[] scales, Tensor final_norm, Tensor head, Tensor? head_scale, Tensor rope_cos, Tensor rope_sin, "
+        "Tensor(a!) keys, Tensor(b!) values, int heads, float eps, int threads) -> Tensor",
+        &decode_step);
+    m.def("block_weights() -> str[]", &block_weights);
 }

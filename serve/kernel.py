@@ -13,16 +13,19 @@ row's output is bit for bit the same in a batch of any size, at either precision
   Decoding a token reads every weight once: int8 weights are a quarter of fp32's memory traffic,
   and an AVX2 integer multiply-add does twice the products of a float one (16 against 8).
 
-The kernel is compiled with the system C++ compiler on first use and cached under ~/.cache.
+The kernel is a set of PyTorch operators (torch.ops.rowwise.*: tensors in and out, checked at the
+boundary), built once by `make setup` (`python -m serve.kernel`, torch.utils.cpp_extension) into the Python
+environment; the server only loads it. A model's weights reach the decode step by the names the kernel
+itself lists (block_weights), and a model with a parameter the kernel does not read is refused, so the
+model (model/gpt.py) and its second definition in C++ cannot disagree unnoticed.
 """
 
 import copy
-import ctypes
-import functools
 import hashlib
 import os
 import platform
-import subprocess
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -32,7 +35,8 @@ from model.errors import PipelineError
 from model.gpt import KVCache
 
 SOURCE = Path(__file__).with_name("kernel.cpp")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+BUILD = Path(sys.prefix) / "serve-kernel"  # inside the environment whose torch it is built against
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
 PRECISIONS = ("int8", "fp32")
 # The KV cache's numbers at each precision. Decoding many long sequences reads the cache more than the
 # weights (the ryangpt shape holds 7.4 MB of fp32 keys and values per sequence at position 480, against
@@ -42,7 +46,7 @@ CACHE_DTYPES = {"int8": torch.float16, "fp32": torch.float32}
 
 
 class KernelBuildError(PipelineError):
-    """The C++ compiler is missing or failed."""
+    """The kernel is not built for this source, compiler flags, CPU and torch, or building it failed."""
 
 
 def _cpu_flags():
@@ -56,55 +60,76 @@ def _cpu_flags():
     return platform.processor()
 
 
-def _build():
+def build_key():
+    """What the built library must match: the source, the flags, the CPU and torch."""
+    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_flags().encode(), torch.__version__.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def library_file():
+    return BUILD / f"rowwise_{build_key()}.so"
+
+
+def build():
+    """Compiles the kernel into BUILD (what `make setup` runs). Without a C++ compiler it says so in one line
+    and returns: the pipeline needs none, and the server refuses to start until there is one."""
+    from torch.utils import cpp_extension
+
+    target = library_file()
+    if target.is_file():
+        (BUILD / "built").touch()
+        return
     compiler = os.environ.get("CXX", "c++")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode()])
-    ).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dvc-gpt"
-    library = cache / f"rowwise-{key}.so"
-    if not library.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = cache / f"{library.name}.{os.getpid()}.tmp"
-        try:
-            subprocess.run(
-                [compiler, *FLAGS, str(SOURCE), "-o", str(partial)], check=True, capture_output=True, text=True
-            )
-        except FileNotFoundError:
-            raise KernelBuildError(
-                f"serving needs a C++ compiler to build {SOURCE.name} and found no '{compiler}' "
-                f"(install g++, or name one in $CXX)"
-            ) from None
-        except subprocess.CalledProcessError as error:
-            raise KernelBuildError(f"'{compiler}' failed to build {SOURCE}:\n{error.stderr.strip()}") from None
-        partial.replace(library)  # atomic: a concurrent build never loads a half-written library
-    lib = ctypes.CDLL(str(library))
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.linear_f32.argtypes = [pointer, size, size, pointer, pointer, size, ctypes.c_int]
-    lib.linear_i8.argtypes = [pointer, pointer, size, size, pointer, pointer, size, ctypes.c_int]
-    lib.rms_norm.argtypes = [pointer, size, ctypes.c_float, pointer, pointer, size]
-    lib.decode_step.argtypes = (
-        [pointer] * 3
-        + [size] * 5
-        + [ctypes.c_float]
-        + [pointer] * 5
-        + [size]
-        + [pointer] * 2
-        + [size] * 3
-        + [pointer, ctypes.c_int]
-    )
-    return lib
+    if shutil.which(compiler) is None:
+        print(
+            f"no C++ compiler '{compiler}' found: the server's kernel is not built (install g++, then run "
+            "`make setup` again); the pipeline itself needs none"
+        )
+        return
+    name = target.stem
+    folder = BUILD / "build"
+    folder.mkdir(parents=True, exist_ok=True)
+    # cpp_extension runs ninja (a requirement) by name; the environment's own is in its bin folder.
+    os.environ["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+    try:
+        cpp_extension.load(
+            name,
+            [str(SOURCE)],
+            extra_cflags=list(FLAGS),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(folder),
+            is_python_module=False,
+        )
+    except (RuntimeError, OSError) as error:
+        raise KernelBuildError(f"building the server's kernel ({SOURCE}) failed: {error}") from None
+    staged = target.with_name(target.name + ".tmp")
+    shutil.copyfile(folder / f"{name}.so", staged)
+    staged.rename(target)  # a server starting meanwhile never loads a half-written library
+    for old in BUILD.glob("rowwise_*.so"):
+        if old != target:
+            old.unlink()
+    (BUILD / "built").touch()  # for make: what `make setup` is to rebuild when the source changes
 
 
-_library = None
+_loaded = False
 
 
 def library():
-    global _library
-    if _library is None:
-        _library = _build()
-    return _library
+    """Loads the built kernel (once); raises KernelBuildError, saying what to do, where it is not built."""
+    global _loaded
+    if not _loaded:
+        if not library_file().is_file():
+            if shutil.which(os.environ.get("CXX", "c++")) is None:
+                raise KernelBuildError(
+                    "the server's kernel is not built, and building it needs a C++ compiler: "
+                    "install g++, then run `make setup`"
+                )
+            raise KernelBuildError(
+                f"the server's kernel is not built for this {SOURCE.name}, CPU and torch: run `make setup`"
+            )
+        torch.ops.load_library(library_file())
+        _loaded = True
+    return torch.ops.rowwise
 
 
 class RowwiseLinear(nn.Module):
@@ -117,25 +142,20 @@ class RowwiseLinear(nn.Module):
             raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
         weight = weight.detach().float().contiguous()
         self.out_features, self.in_features = weight.shape
-        sizes = (self.out_features, self.in_features)
         if precision == "int8":
             # Symmetric, one scale per output row: the largest weight of the row maps to 127.
             scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
             self.register_buffer("weight", torch.round(weight / scale[:, None]).to(torch.int8))
             self.register_buffer("scale", scale.contiguous())
-            self.compute = functools.partial(library().linear_i8, self.weight.data_ptr(), self.scale.data_ptr(), *sizes)
         else:
             self.register_buffer("weight", weight)
-            self.compute = functools.partial(library().linear_f32, self.weight.data_ptr(), *sizes)
+            self.scale = None
+        library()  # fails here, at build time, where the kernel is not built
 
     def forward(self, x):
-        # Decoding calls this some forty times per token, so it does little: the weight's arguments are bound
-        # once, above, and the output is allocated in its final shape.
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
-        out = torch.empty(*x.shape[:-1], self.out_features)
-        self.compute(x.data_ptr(), out.data_ptr(), x.numel() // self.in_features, self.threads)
-        return out
+        return library().linear(x, self.weight, self.scale, self.threads)
 
 
 class RowwiseRMSNorm(nn.Module):
@@ -145,15 +165,42 @@ class RowwiseRMSNorm(nn.Module):
     def __init__(self, norm):
         super().__init__()
         self.register_buffer("weight", norm.weight.detach().float().contiguous())
-        eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
-        self.compute = functools.partial(library().rms_norm, self.weight.data_ptr(), self.weight.numel(), eps)
+        self.eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+        library()
 
     def forward(self, x):
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.float().contiguous()
-        out = torch.empty_like(x)
-        self.compute(x.data_ptr(), out.data_ptr(), x.numel() // self.weight.numel())
-        return out
+        return library().rms_norm(x, self.weight, self.eps)
+
+
+# What of model/gpt.py's GPT the decode step reads besides its blocks (whose weights the kernel names), and the
+# config fields it implements (n_layers and the sizes come from the tensors): a model with more is refused.
+MODEL_WEIGHTS = {"embed.weight", "norm.weight", "lm_head.weight"}
+CONFIG_FIELDS = {
+    "vocab_size",
+    "context_length",
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "d_ff",
+    "tie_embeddings",
+    "rope_theta",
+    "norm_eps",
+}
+
+
+def _check_architecture(model, block_weights):
+    """Refuses a model that has what the decode step does not compute: the two would give different tokens."""
+    unknown_config = set(type(model.config).model_fields) - CONFIG_FIELDS
+    read = {f"layers.{i}.{name}.weight" for i in range(len(model.layers)) for name in block_weights} | MODEL_WEIGHTS
+    read |= {name.removesuffix("weight") + "scale" for name in read}  # an int8 weight's scale
+    unread = set(model.state_dict()) - read
+    if unknown_config or unread:
+        raise ValueError(
+            f"serve/kernel.cpp's decode step does not implement {sorted(unknown_config | unread)} of model/gpt.py: "
+            "extend its decode_step (and BLOCK_WEIGHTS), then run `make setup`"
+        )
 
 
 class RowwiseDecoder:
@@ -162,74 +209,45 @@ class RowwiseDecoder:
 
     From Python the same step is some forty module calls and as many small tensors per token, which on a
     small model cost as much as the arithmetic. Prompts still go through the model itself (several tokens a
-    step, per-sequence attention in KVCache), into the same `cache`.
+    step, per-sequence attention in KVCache), into the same `cache`. The decoder holds the tensors it reads
+    (the model's weights when it was made, and the cache), so nothing it reads can be freed under it.
     """
 
     def __init__(self, model, cache, threads=1):
-        self.model, self.cache = model, cache  # held: the kernel reads their memory
-        self.threads = threads  # the kernel's, for each step
-        config = model.config
-        self.vocab_size = config.vocab_size
-
-        def projection(linear):
-            return [linear.weight.data_ptr(), linear.scale.data_ptr() if hasattr(linear, "scale") else 0]
-
-        layers = []
-        for block in model.layers:
-            attn, mlp = block.attn, block.mlp
-            layers += [block.attn_norm.weight.data_ptr()]
-            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
-                layers += projection(linear)
-            layers += [block.mlp_norm.weight.data_ptr()]
-            for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                layers += projection(linear)
-        self.layers = torch.tensor(layers, dtype=torch.int64)
-        self.head = torch.tensor([model.norm.weight.data_ptr(), *projection(model.lm_head)], dtype=torch.int64)
+        self.kernel = library()
+        block_weights = self.kernel.block_weights()
+        _check_architecture(model, block_weights)
+        weights = [block.get_submodule(name) for block in model.layers for name in block_weights]
+        self.weights = [module.weight for module in weights]
+        self.scales = [getattr(module, "scale", None) for module in weights]
         self.embed = model.embed.weight.detach().float().contiguous()
-        self.step = functools.partial(
-            library().decode_step,
-            self.layers.data_ptr(),
-            self.head.data_ptr(),
-            self.embed.data_ptr(),
-            config.n_layers,
-            config.d_model,
-            config.n_heads,
-            config.d_ff,
-            config.vocab_size,
-            config.norm_eps,
-            model.rope_cos.data_ptr(),
-            model.rope_sin.data_ptr(),
-        )
-        if cache.keys.dtype not in CACHE_DTYPES.values() or cache.keys.device.type != "cpu":
-            raise ValueError(
-                f"the decode kernel reads a CPU cache of {' or '.join(map(str, CACHE_DTYPES.values()))}, "
-                f"not {cache.keys.dtype} on {cache.keys.device}"
-            )
-        self.cache_pointers = (
-            cache.keys.data_ptr(),
-            cache.values.data_ptr(),
-            cache.keys.dtype == torch.float16,
-            cache.keys.shape[1],
-            cache.keys.shape[3],
-        )
+        self.final_norm, self.head, self.head_scale = model.norm.weight, model.lm_head.weight, model.lm_head.scale
+        self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin
+        self.cache, self.heads, self.eps = cache, model.config.n_heads, model.config.norm_eps
+        self.threads = threads  # the kernel's, for each step
 
     def __call__(self, tokens, rows, positions):
         """Logits (B, vocab) of the next token of each sequence: `tokens` (B,) at `positions` (B,) of cache `rows`
         (B,), whose earlier positions the cache holds."""
-        tokens, rows, positions = (
-            torch.as_tensor(t, dtype=torch.int64).contiguous() for t in (tokens, rows, positions)
-        )
-        logits = torch.empty(len(tokens), self.vocab_size)
-        self.step(
-            tokens.data_ptr(),
-            rows.data_ptr(),
-            positions.data_ptr(),
-            len(tokens),
-            *self.cache_pointers,
-            logits.data_ptr(),
+        tokens, rows, positions = (torch.as_tensor(t, dtype=torch.int64) for t in (tokens, rows, positions))
+        return self.kernel.decode_step(
+            tokens,
+            rows,
+            positions,
+            self.embed,
+            self.weights,
+            self.scales,
+            self.final_norm,
+            self.head,
+            self.head_scale,
+            self.rope_cos,
+            self.rope_sin,
+            self.cache.keys,
+            self.cache.values,
+            self.heads,
+            self.eps,
             self.threads,
         )
-        return logits
 
 
 def rowwise_cache(config, rows, length, precision):
@@ -250,3 +268,7 @@ def rowwise_model(model, precision, threads=1):
                     raise ValueError(f"linear layer '{name}' has a bias, which RowwiseLinear does not take")
                 setattr(module, name, RowwiseLinear(child.weight, precision, threads))
     return model
+
+
+if __name__ == "__main__":
+    build()

@@ -1,4 +1,7 @@
-"""Generation: the KV cache against full forward passes, and the sampling rules."""
+"""Generation: the KV cache against full forward passes, the serving kernel, and the sampling rules."""
+
+import copy
+import gc
 
 import numpy as np
 import pytest
@@ -218,6 +221,80 @@ def test_the_kernels_decode_step_equals_the_models_forward_pass(trained_model, p
             expected = trained_model(torch.tensor([sequence]))[0][0, -1]
             atol = tolerance * float(expected.abs().max())
             torch.testing.assert_close(logits[row], expected, rtol=0, atol=atol)
+
+
+def test_a_copied_layer_computes_on_its_own_weights_after_the_original_is_gone():
+    """Nothing in a layer or decoder points into memory it does not hold: a copy outlives its original."""
+    layer = RowwiseLinear(torch.randn(24, 16), "int8")
+    inputs = torch.randn(3, 16)
+    expected = layer(inputs)
+    copied = copy.deepcopy(layer)
+    del layer
+    gc.collect()
+    torch.testing.assert_close(copied(inputs), expected, rtol=0, atol=0)
+
+
+def swap(items, i, j):
+    items[i], items[j] = items[j], items[i]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda args: args.update(tokens=torch.tensor([0, 1], dtype=torch.int32)), "must be Long"),
+        (lambda args: args.update(rows=torch.tensor([0, 3])), "row 3 is not in the cache's 3"),
+        (lambda args: args.update(positions=torch.tensor([0, CONTEXT])), f"position {CONTEXT} is past"),
+        (lambda args: args.update(tokens=torch.tensor([0, VOCAB])), f"token {VOCAB} is not in the vocabulary"),
+        (lambda args: args.update(rows=torch.tensor([[0, 1]])), "must have shape"),
+        (lambda args: swap(args["weights"], 6, 8), "gate_proj must have shape"),  # gate and down
+        (lambda args: args.update(keys=args["keys"].half()), "cache's keys and values must be Half, not Float"),
+    ],
+    ids=["token dtype", "row", "position", "token", "rows shape", "weight order", "cache dtype"],
+)
+def test_the_decode_kernel_checks_its_tensors_at_the_boundary(trained_model, change, message):
+    """A wrong argument is a RuntimeError naming it, before any memory is read (not a crash or garbage)."""
+    decoder = RowwiseDecoder(
+        rowwise_model(trained_model, "int8"), rowwise_cache(trained_model.config, 3, CONTEXT, "fp32")
+    )
+    args = dict(tokens=torch.tensor([0, 1]), rows=torch.tensor([0, 1]), positions=torch.tensor([0, 0]))
+    args.update(weights=list(decoder.weights), keys=decoder.cache.keys)
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        decoder.kernel.decode_step(
+            args["tokens"],
+            args["rows"],
+            args["positions"],
+            decoder.embed,
+            args["weights"],
+            decoder.scales,
+            decoder.final_norm,
+            decoder.head,
+            decoder.head_scale,
+            decoder.rope_cos,
+            decoder.rope_sin,
+            args["keys"],
+            decoder.cache.values,
+            decoder.heads,
+            decoder.eps,
+            1,
+        )
+
+
+def test_a_model_with_more_than_the_kernel_computes_is_refused(trained_model):
+    """The decode step is model/gpt.py written again in C++: what it does not implement must stop the server,
+    not give other tokens than the model."""
+    grown = copy.deepcopy(trained_model)
+    grown.layers[1].post_norm = torch.nn.RMSNorm(grown.config.d_model)
+    with pytest.raises(ValueError, match=r"does not implement \['layers.1.post_norm.weight'\]"):
+        RowwiseDecoder(rowwise_model(grown, "fp32"), rowwise_cache(grown.config, 1, CONTEXT, "fp32"))
+
+    class GroupedQueryConfig(type(trained_model.config)):
+        n_kv_heads: int = 2
+
+    grown = copy.deepcopy(trained_model)
+    grown.config = GroupedQueryConfig(**trained_model.config.model_dump())
+    with pytest.raises(ValueError, match=r"does not implement \['n_kv_heads'\]"):
+        RowwiseDecoder(rowwise_model(grown, "fp32"), rowwise_cache(grown.config, 1, CONTEXT, "fp32"))
 
 
 # --- sampling ------------------------------------------------------------------------------------
