@@ -64,10 +64,13 @@ def free_port():
 @contextmanager
 def running(gguf_file, log_file, threads=1, slots=1, native=False, options=()):
     """`llama-server` serving `gguf_file` on a free loopback port, as its README runs it (the chat template from
-    the file: --jinja), with `threads` for generation and prompts and `slots` requests at once; yields its URL.
+    the file: --jinja), with `threads` for generation and prompts (None: its default) and `slots` requests at
+    once; yields its URL.
     Its log goes to `log_file`."""
     command = [str(binary(native)), "-m", str(gguf_file), "--jinja", "--no-webui", "--host", "127.0.0.1"]
-    command += ["--port", str(free_port()), "-t", str(threads), "-tb", str(threads), "-np", str(slots), *options]
+    command += ["--port", str(free_port()), "-np", str(slots), *options]
+    if threads is not None:  # None: llama-server's own choice (every core)
+        command += ["-t", str(threads), "-tb", str(threads)]
     url = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
     with open(log_file, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)

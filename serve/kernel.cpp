@@ -10,6 +10,7 @@
 // checked at the boundary for device, dtype, shape and contiguity, and the indexes a step reads by checked
 // against the tensors they index, so that a wrong argument is an error, never a read out of bounds.
 #include <ATen/ATen.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -365,138 +366,157 @@ static at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, d
     return y;
 }
 
-// The whole decode step: one new token for each of B sequences, through every layer to the logits, in one call
-// (from Python, the same step costs some forty module calls and as many small tensors per token). It is
-// model/gpt.py's forward pass for one token with a cache, built from the kernels above, every row on its own.
-// tokens, rows, positions: (B,) int64; the new token of sequence b is at position positions[b] of cache row
-// rows[b], whose earlier positions the cache holds. weights, scales: per layer, BLOCK_WEIGHTS's tensors and
-// their int8 scales (none for norms and float weights). keys, values: (layers, cache rows, heads, L, head size),
-// float32 or float16. rope_cos, rope_sin: (L or more, head size).
-static at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& rows, const at::Tensor& positions,
-                              const at::Tensor& embed, at::TensorList weights,
-                              const c10::List<std::optional<at::Tensor>>& scales, const at::Tensor& final_norm,
-                              const at::Tensor& head, const std::optional<at::Tensor>& head_scale,
-                              const at::Tensor& rope_cos, const at::Tensor& rope_sin, const at::Tensor& keys,
-                              const at::Tensor& values, int64_t heads, double eps, int64_t threads) {
-    check_dense(embed, at::kFloat, "embed");
-    TORCH_CHECK(embed.dim() == 2, "embed must be (vocab, width)");
-    const int64_t vocab = embed.size(0), width = embed.size(1);
-    TORCH_CHECK(heads > 0 && width % heads == 0 && width / heads % 2 == 0,
-                "heads must split the width into even head sizes");
-    const int64_t D = width / heads;
-    TORCH_CHECK(!weights.empty() && weights.size() % WEIGHTS_PER_BLOCK == 0 && scales.size() == weights.size(),
-                "weights and scales: ", static_cast<int>(WEIGHTS_PER_BLOCK), " per layer each (BLOCK_WEIGHTS)");
-    const int64_t n_layers = weights.size() / WEIGHTS_PER_BLOCK;
-    TORCH_CHECK(weights[GATE].dim() == 2, "a feed-forward weight must be 2-D");
-    const int64_t hidden = weights[GATE].size(0);
-    for (const at::Tensor* t : {&keys, &values}) {
-        TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf,
-                    "the cache must be float32 or float16");
-        check_dense(*t, keys.scalar_type(), "the cache's keys and values");
-        TORCH_CHECK(t->dim() == 5 && t->size(0) == n_layers && t->size(2) == heads && t->size(4) == D,
-                    "the cache must be (", n_layers, ", rows, ", heads, ", length, ", D, "), not ", t->sizes());
-    }
-    check_shape(values, keys.sizes(), "the cache's values");
-    const int64_t cache_rows = keys.size(1), L = keys.size(3);
-    for (const at::Tensor* t : {&rope_cos, &rope_sin}) {
-        check_dense(*t, at::kFloat, "the rotary tables");
-        TORCH_CHECK(t->dim() == 2 && t->size(0) >= L && t->size(1) == D, "the rotary tables must be (>= ", L, ", ",
-                    D, ")");
-    }
-    const int64_t B = tokens.numel();
-    for (const at::Tensor* t : {&tokens, &rows, &positions}) {
-        check_dense(*t, at::kLong, "tokens, rows and positions");
-        check_shape(*t, {B}, "tokens, rows and positions");
-    }
-    const int64_t* token = tokens.data_ptr<int64_t>();
-    const int64_t* row = rows.data_ptr<int64_t>();
-    const int64_t* position = positions.data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; b++) {
-        TORCH_CHECK(0 <= token[b] && token[b] < vocab, "token ", token[b], " is not in the vocabulary of ", vocab);
-        TORCH_CHECK(0 <= row[b] && row[b] < cache_rows, "row ", row[b], " is not in the cache's ", cache_rows);
-        TORCH_CHECK(0 <= position[b] && position[b] < L, "position ", position[b], " is past the cache's ", L);
-    }
-
+// The whole decode step of one model on one cache: one new token for each of B sequences, through every layer to
+// the logits, in one call (from Python, the same step costs some forty module calls and as many small tensors per
+// token). It is model/gpt.py's forward pass for one token with a cache, built from the kernels above, every row
+// on its own. An object, so that the model's tensors and the cache are checked once, when it is made, and held
+// (counted references: nothing it reads can be freed under it); a step then checks only what it is given.
+// weights, scales: per layer, BLOCK_WEIGHTS's tensors and their int8 scales (none for norms and float weights).
+// keys, values: the cache, (layers, cache rows, heads, L, head size), float32 or float16, written by each step.
+// rope_cos, rope_sin: (L or more, head size).
+struct Decoder : torch::CustomClassHolder {
     struct Layer {
         const float *attn_norm, *mlp_norm;
         Projection q, k, v, o, gate, up, down;
     };
-    std::vector<Layer> layers(n_layers);
-    for (int64_t l = 0; l < n_layers; l++) {
-        auto at = [&](BlockWeight w) -> const at::Tensor& { return weights[l * WEIGHTS_PER_BLOCK + w]; };
-        auto scale = [&](BlockWeight w) { return scales.get(l * WEIGHTS_PER_BLOCK + w); };
-        for (BlockWeight norm : {ATTN_NORM, MLP_NORM}) {
-            check_dense(at(norm), at::kFloat, "a norm's weight");
-            check_shape(at(norm), {width}, "a norm's weight");
-            TORCH_CHECK(!scale(norm).has_value(), "a norm's weight takes no scale");
-        }
-        layers[l] = {at(ATTN_NORM).data_ptr<float>(),
-                     at(MLP_NORM).data_ptr<float>(),
-                     projection(at(Q), scale(Q), width, width, "q_proj"),
-                     projection(at(K), scale(K), width, width, "k_proj"),
-                     projection(at(V), scale(V), width, width, "v_proj"),
-                     projection(at(O), scale(O), width, width, "o_proj"),
-                     projection(at(GATE), scale(GATE), hidden, width, "gate_proj"),
-                     projection(at(UP), scale(UP), hidden, width, "up_proj"),
-                     projection(at(DOWN), scale(DOWN), width, hidden, "down_proj")};
-    }
-    check_dense(final_norm, at::kFloat, "the final norm's weight");
-    check_shape(final_norm, {width}, "the final norm's weight");
-    Projection output = projection(head, head_scale, vocab, width, "the output head");
 
-    at::Tensor logits = at::empty({B, vocab}, embed.options());
-    const int n_threads = static_cast<int>(threads);
-    const float epsilon = static_cast<float>(eps), scale = 1.0f / std::sqrt(static_cast<float>(D));
-    std::vector<float> x(B * width), normed(B * width), q(B * width), k(B * width), v(B * width),
-        attended(B * width), update(B * width), gate(B * hidden), up(B * hidden);
-    std::vector<int64_t> ends(B);
-    for (int64_t b = 0; b < B; b++) {
-        std::memcpy(&x[b * width], embed.data_ptr<float>() + token[b] * width, width * sizeof(float));
-        ends[b] = position[b] + 1;
-    }
-    for (int64_t l = 0; l < n_layers; l++) {
-        const Layer& layer = layers[l];
-        rms_norm(layer.attn_norm, width, epsilon, x.data(), normed.data(), B);
-        project({{layer.q, q.data()}, {layer.k, k.data()}, {layer.v, v.data()}}, width, width, normed.data(), B,
-                n_threads);
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t h = 0; h < heads; h++) {
-                const float* cos = rope_cos.data_ptr<float>() + position[b] * D;
-                const float* sin = rope_sin.data_ptr<float>() + position[b] * D;
-                rotate(&q[(b * heads + h) * D], cos, sin, D);
-                rotate(&k[(b * heads + h) * D], cos, sin, D);
-            }
-        if (keys.scalar_type() == at::kHalf) {
-            auto* key_cache = reinterpret_cast<half*>(keys[l].data_ptr<at::Half>());
-            auto* value_cache = reinterpret_cast<half*>(values[l].data_ptr<at::Half>());
-            decode_attention(q.data(), k.data(), v.data(), key_cache, value_cache, row, ends.data(), attended.data(),
-                             B, heads, L, D, scale, n_threads);
-        } else {
-            decode_attention(q.data(), k.data(), v.data(), keys[l].data_ptr<float>(), values[l].data_ptr<float>(),
-                             row, ends.data(), attended.data(), B, heads, L, D, scale, n_threads);
+    // What it holds, so that the pointers below stay valid as long as it lives.
+    std::vector<at::Tensor> tensors;
+    std::vector<Layer> layers;
+    const float *embed, *final_norm, *rope_cos, *rope_sin;
+    Projection head;
+    void *keys, *values;
+    bool half_cache;
+    int64_t vocab, width, heads, D, hidden, cache_rows, L, threads;
+    float eps;
+
+    Decoder(at::Tensor embed_, std::vector<at::Tensor> weights, c10::List<std::optional<at::Tensor>> scales,
+            at::Tensor final_norm_, at::Tensor head_, std::optional<at::Tensor> head_scale, at::Tensor rope_cos_,
+            at::Tensor rope_sin_, at::Tensor keys_, at::Tensor values_, int64_t heads_, double eps_,
+            int64_t threads_)
+        : heads(heads_), threads(threads_), eps(static_cast<float>(eps_)) {
+        check_dense(embed_, at::kFloat, "embed");
+        TORCH_CHECK(embed_.dim() == 2, "embed must be (vocab, width)");
+        vocab = embed_.size(0), width = embed_.size(1);
+        TORCH_CHECK(heads > 0 && width % heads == 0 && width / heads % 2 == 0,
+                    "heads must split the width into even head sizes");
+        TORCH_CHECK(threads > 0, "threads must be at least 1");
+        D = width / heads;
+        TORCH_CHECK(!weights.empty() && weights.size() % WEIGHTS_PER_BLOCK == 0 && scales.size() == weights.size(),
+                    "weights and scales: ", static_cast<int>(WEIGHTS_PER_BLOCK), " per layer each (BLOCK_WEIGHTS)");
+        const int64_t n_layers = weights.size() / WEIGHTS_PER_BLOCK;
+        TORCH_CHECK(weights[GATE].dim() == 2, "a feed-forward weight must be 2-D");
+        hidden = weights[GATE].size(0);
+        for (const at::Tensor* t : {&keys_, &values_}) {
+            TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf,
+                        "the cache must be float32 or float16");
+            check_dense(*t, keys_.scalar_type(), "the cache's keys and values");
+            TORCH_CHECK(t->dim() == 5 && t->size(0) == n_layers && t->size(2) == heads && t->size(4) == D,
+                        "the cache must be (", n_layers, ", rows, ", heads, ", length, ", D, "), not ", t->sizes());
         }
-        project({{layer.o, update.data()}}, width, width, attended.data(), B, n_threads);
-        for (int64_t i = 0; i < B * width; i++) x[i] += update[i];
-        rms_norm(layer.mlp_norm, width, epsilon, x.data(), normed.data(), B);
-        project({{layer.gate, gate.data()}, {layer.up, up.data()}}, hidden, width, normed.data(), B, n_threads);
-        for (int64_t i = 0; i < B * hidden; i++) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-        project({{layer.down, update.data()}}, width, hidden, gate.data(), B, n_threads);
-        for (int64_t i = 0; i < B * width; i++) x[i] += update[i];
+        check_shape(values_, keys_.sizes(), "the cache's values");
+        cache_rows = keys_.size(1), L = keys_.size(3);
+        for (const at::Tensor* t : {&rope_cos_, &rope_sin_}) {
+            check_dense(*t, at::kFloat, "the rotary tables");
+            TORCH_CHECK(t->dim() == 2 && t->size(0) >= L && t->size(1) == D, "the rotary tables must be (>= ", L,
+                        ", ", D, ")");
+        }
+        for (int64_t l = 0; l < n_layers; l++) {
+            auto at = [&](BlockWeight w) -> const at::Tensor& { return weights[l * WEIGHTS_PER_BLOCK + w]; };
+            auto scale = [&](BlockWeight w) { return scales.get(l * WEIGHTS_PER_BLOCK + w); };
+            for (BlockWeight norm : {ATTN_NORM, MLP_NORM}) {
+                check_dense(at(norm), at::kFloat, "a norm's weight");
+                check_shape(at(norm), {width}, "a norm's weight");
+                TORCH_CHECK(!scale(norm).has_value(), "a norm's weight takes no scale");
+            }
+            layers.push_back({at(ATTN_NORM).data_ptr<float>(), at(MLP_NORM).data_ptr<float>(),
+                              projection(at(Q), scale(Q), width, width, "q_proj"),
+                              projection(at(K), scale(K), width, width, "k_proj"),
+                              projection(at(V), scale(V), width, width, "v_proj"),
+                              projection(at(O), scale(O), width, width, "o_proj"),
+                              projection(at(GATE), scale(GATE), hidden, width, "gate_proj"),
+                              projection(at(UP), scale(UP), hidden, width, "up_proj"),
+                              projection(at(DOWN), scale(DOWN), width, hidden, "down_proj")});
+        }
+        check_dense(final_norm_, at::kFloat, "the final norm's weight");
+        check_shape(final_norm_, {width}, "the final norm's weight");
+        head = projection(head_, head_scale, vocab, width, "the output head");
+        embed = embed_.data_ptr<float>(), final_norm = final_norm_.data_ptr<float>();
+        rope_cos = rope_cos_.data_ptr<float>(), rope_sin = rope_sin_.data_ptr<float>();
+        half_cache = keys_.scalar_type() == at::kHalf;
+        keys = keys_.data_ptr(), values = values_.data_ptr();
+        tensors = weights;
+        for (size_t i = 0; i < scales.size(); i++)
+            if (std::optional<at::Tensor> scale = scales.get(i)) tensors.push_back(*scale);
+        for (const auto& t : {embed_, final_norm_, head_, rope_cos_, rope_sin_, keys_, values_}) tensors.push_back(t);
+        if (head_scale) tensors.push_back(*head_scale);
     }
-    rms_norm(final_norm.data_ptr<float>(), width, epsilon, x.data(), normed.data(), B);
-    project({{output, logits.data_ptr<float>()}}, vocab, width, normed.data(), B, n_threads);
-    return logits;
-}
+
+    // Logits (B, vocab) of the next token of each sequence: tokens[b] at position positions[b] of cache row
+    // rows[b], whose earlier positions the cache holds.
+    at::Tensor step(std::vector<int64_t> tokens, std::vector<int64_t> rows, std::vector<int64_t> positions) {
+        const int64_t B = tokens.size();
+        TORCH_CHECK(rows.size() == tokens.size() && positions.size() == tokens.size(),
+                    "tokens, rows and positions must have one entry per sequence");
+        for (int64_t b = 0; b < B; b++) {
+            TORCH_CHECK(0 <= tokens[b] && tokens[b] < vocab, "token ", tokens[b], " is not in the vocabulary of ",
+                        vocab);
+            TORCH_CHECK(0 <= rows[b] && rows[b] < cache_rows, "row ", rows[b], " is not in the cache's ",
+                        cache_rows);
+            TORCH_CHECK(0 <= positions[b] && positions[b] < L, "position ", positions[b], " is past the cache's ", L);
+        }
+        at::Tensor logits = at::empty({B, vocab}, at::kFloat);
+        const int n_threads = static_cast<int>(threads);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+        std::vector<float> x(B * width), normed(B * width), q(B * width), k(B * width), v(B * width),
+            attended(B * width), update(B * width), gate(B * hidden), up(B * hidden);
+        std::vector<int64_t> ends(B);
+        for (int64_t b = 0; b < B; b++) {
+            std::memcpy(&x[b * width], embed + tokens[b] * width, width * sizeof(float));
+            ends[b] = positions[b] + 1;
+        }
+        const int64_t layer_size = cache_rows * heads * L * D;  // one layer's part of the cache
+        for (size_t l = 0; l < layers.size(); l++) {
+            const Layer& layer = layers[l];
+            rms_norm(layer.attn_norm, width, eps, x.data(), normed.data(), B);
+            project({{layer.q, q.data()}, {layer.k, k.data()}, {layer.v, v.data()}}, width, width, normed.data(), B,
+                    n_threads);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t h = 0; h < heads; h++) {
+                    rotate(&q[(b * heads + h) * D], rope_cos + positions[b] * D, rope_sin + positions[b] * D, D);
+                    rotate(&k[(b * heads + h) * D], rope_cos + positions[b] * D, rope_sin + positions[b] * D, D);
+                }
+            if (half_cache)
+                decode_attention(q.data(), k.data(), v.data(), static_cast<half*>(keys) + l * layer_size,
+                                 static_cast<half*>(values) + l * layer_size, rows.data(), ends.data(),
+                                 attended.data(), B, heads, L, D, scale, n_threads);
+            else
+                decode_attention(q.data(), k.data(), v.data(), static_cast<float*>(keys) + l * layer_size,
+                                 static_cast<float*>(values) + l * layer_size, rows.data(), ends.data(),
+                                 attended.data(), B, heads, L, D, scale, n_threads);
+            project({{layer.o, update.data()}}, width, width, attended.data(), B, n_threads);
+            for (int64_t i = 0; i < B * width; i++) x[i] += update[i];
+            rms_norm(layer.mlp_norm, width, eps, x.data(), normed.data(), B);
+            project({{layer.gate, gate.data()}, {layer.up, up.data()}}, hidden, width, normed.data(), B, n_threads);
+            for (int64_t i = 0; i < B * hidden; i++) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+            project({{layer.down, update.data()}}, width, hidden, gate.data(), B, n_threads);
+            for (int64_t i = 0; i < B * width; i++) x[i] += update[i];
+        }
+        rms_norm(final_norm, width, eps, x.data(), normed.data(), B);
+        project({{head, logits.data_ptr<float>()}}, vocab, width, normed.data(), B, n_threads);
+        return logits;
+    }
+};
 
 static std::vector<std::string> block_weights() { return BLOCK_WEIGHTS; }
 
 TORCH_LIBRARY(rowwise, m) {
     m.def("linear(Tensor x, Tensor weight, Tensor? scale, int threads) -> Tensor", &linear);
     m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", &rms_norm_rows);
-    m.def(
-        "decode_step(Tensor tokens, Tensor rows, Tensor positions, Tensor embed, Tensor[] weights, "
-        "Tensor?[] scales, Tensor final_norm, Tensor head, Tensor? head_scale, Tensor rope_cos, Tensor rope_sin, "
-        "Tensor(a!) keys, Tensor(b!) values, int heads, float eps, int threads) -> Tensor",
-        &decode_step);
     m.def("block_weights() -> str[]", &block_weights);
+    m.class_<Decoder>("Decoder")
+        .def(torch::init<at::Tensor, std::vector<at::Tensor>, c10::List<std::optional<at::Tensor>>, at::Tensor,
+                         at::Tensor, std::optional<at::Tensor>, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         int64_t, double, int64_t>())
+        .def("step", &Decoder::step);
 }

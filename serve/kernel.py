@@ -210,44 +210,35 @@ class RowwiseDecoder:
     From Python the same step is some forty module calls and as many small tensors per token, which on a
     small model cost as much as the arithmetic. Prompts still go through the model itself (several tokens a
     step, per-sequence attention in KVCache), into the same `cache`. The decoder holds the tensors it reads
-    (the model's weights when it was made, and the cache), so nothing it reads can be freed under it.
+    (the model's weights when it was made, and the cache: serve/kernel.cpp's Decoder), so nothing it reads
+    can be freed under it.
     """
 
     def __init__(self, model, cache, threads=1):
-        self.kernel = library()
-        block_weights = self.kernel.block_weights()
+        block_weights = library().block_weights()
         _check_architecture(model, block_weights)
-        weights = [block.get_submodule(name) for block in model.layers for name in block_weights]
-        self.weights = [module.weight for module in weights]
-        self.scales = [getattr(module, "scale", None) for module in weights]
-        self.embed = model.embed.weight.detach().float().contiguous()
-        self.final_norm, self.head, self.head_scale = model.norm.weight, model.lm_head.weight, model.lm_head.scale
-        self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin
-        self.cache, self.heads, self.eps = cache, model.config.n_heads, model.config.norm_eps
-        self.threads = threads  # the kernel's, for each step
+        layers = [block.get_submodule(name) for block in model.layers for name in block_weights]
+        self.cache = cache  # the kernel writes each step's keys and values into it
+        self.decoder = torch.classes.rowwise.Decoder(
+            model.embed.weight.detach().float().contiguous(),
+            [layer.weight for layer in layers],
+            [getattr(layer, "scale", None) for layer in layers],
+            model.norm.weight,
+            model.lm_head.weight,
+            model.lm_head.scale,
+            model.rope_cos,
+            model.rope_sin,
+            cache.keys,
+            cache.values,
+            model.config.n_heads,
+            model.config.norm_eps,
+            threads,
+        )
 
     def __call__(self, tokens, rows, positions):
         """Logits (B, vocab) of the next token of each sequence: `tokens` (B,) at `positions` (B,) of cache `rows`
         (B,), whose earlier positions the cache holds."""
-        tokens, rows, positions = (torch.as_tensor(t, dtype=torch.int64) for t in (tokens, rows, positions))
-        return self.kernel.decode_step(
-            tokens,
-            rows,
-            positions,
-            self.embed,
-            self.weights,
-            self.scales,
-            self.final_norm,
-            self.head,
-            self.head_scale,
-            self.rope_cos,
-            self.rope_sin,
-            self.cache.keys,
-            self.cache.values,
-            self.heads,
-            self.eps,
-            self.threads,
-        )
+        return self.decoder.step(list(tokens), list(rows), list(positions))
 
 
 def rowwise_cache(config, rows, length, precision):

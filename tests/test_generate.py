@@ -9,7 +9,15 @@ import torch
 
 from model.generate import Sampling, Sequence, generate, logits_to_probs, next_tokens, random_stream
 from model.gpt import KVCache
-from serve.kernel import PRECISIONS, RowwiseDecoder, RowwiseLinear, RowwiseRMSNorm, rowwise_cache, rowwise_model
+from serve.kernel import (
+    PRECISIONS,
+    RowwiseDecoder,
+    RowwiseLinear,
+    RowwiseRMSNorm,
+    library,
+    rowwise_cache,
+    rowwise_model,
+)
 from tests.tiny import markov_chain, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -238,46 +246,64 @@ def swap(items, i, j):
     items[i], items[j] = items[j], items[i]
 
 
+def decoder_arguments(model, cache):
+    """serve/kernel.cpp's Decoder's arguments for `model` (a rowwise_model) on `cache`, by name."""
+    layers = [block.get_submodule(name) for block in model.layers for name in library().block_weights()]
+    return dict(
+        embed=model.embed.weight.detach(),
+        weights=[layer.weight for layer in layers],
+        scales=[getattr(layer, "scale", None) for layer in layers],
+        final_norm=model.norm.weight,
+        head=model.lm_head.weight,
+        head_scale=model.lm_head.scale,
+        rope_cos=model.rope_cos,
+        rope_sin=model.rope_sin,
+        keys=cache.keys,
+        values=cache.values,
+        heads=model.config.n_heads,
+        eps=model.config.norm_eps,
+        threads=1,
+    )
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda args: args.update(tokens=torch.tensor([0, 1], dtype=torch.int32)), "must be Long"),
-        (lambda args: args.update(rows=torch.tensor([0, 3])), "row 3 is not in the cache's 3"),
-        (lambda args: args.update(positions=torch.tensor([0, CONTEXT])), f"position {CONTEXT} is past"),
-        (lambda args: args.update(tokens=torch.tensor([0, VOCAB])), f"token {VOCAB} is not in the vocabulary"),
-        (lambda args: args.update(rows=torch.tensor([[0, 1]])), "must have shape"),
         (lambda args: swap(args["weights"], 6, 8), "gate_proj must have shape"),  # gate and down
         (lambda args: args.update(keys=args["keys"].half()), "cache's keys and values must be Half, not Float"),
+        (lambda args: args.update(head_scale=None), "an int8 weight needs its scale"),
+        (lambda args: args.update(rope_cos=args["rope_cos"][:, :3]), "rotary tables must be"),
+        (lambda args: args.update(embed=args["embed"].t()), "embed must be contiguous"),
+        (lambda args: args.update(threads=0), "threads must be at least 1"),
     ],
-    ids=["token dtype", "row", "position", "token", "rows shape", "weight order", "cache dtype"],
+    ids=["weight order", "cache dtype", "missing scale", "rotary tables", "strided", "threads"],
 )
-def test_the_decode_kernel_checks_its_tensors_at_the_boundary(trained_model, change, message):
-    """A wrong argument is a RuntimeError naming it, before any memory is read (not a crash or garbage)."""
-    decoder = RowwiseDecoder(
-        rowwise_model(trained_model, "int8"), rowwise_cache(trained_model.config, 3, CONTEXT, "fp32")
-    )
-    args = dict(tokens=torch.tensor([0, 1]), rows=torch.tensor([0, 1]), positions=torch.tensor([0, 0]))
-    args.update(weights=list(decoder.weights), keys=decoder.cache.keys)
+def test_the_decoder_checks_the_model_and_cache_it_is_given(trained_model, change, message):
+    """A wrong argument is a RuntimeError naming it, when the decoder is made (not a crash or garbage later)."""
+    model = rowwise_model(trained_model, "int8")
+    args = decoder_arguments(model, rowwise_cache(trained_model.config, 3, CONTEXT, "fp32"))
     change(args)
     with pytest.raises(RuntimeError, match=message):
-        decoder.kernel.decode_step(
-            args["tokens"],
-            args["rows"],
-            args["positions"],
-            decoder.embed,
-            args["weights"],
-            decoder.scales,
-            decoder.final_norm,
-            decoder.head,
-            decoder.head_scale,
-            decoder.rope_cos,
-            decoder.rope_sin,
-            args["keys"],
-            decoder.cache.values,
-            decoder.heads,
-            decoder.eps,
-            1,
-        )
+        torch.classes.rowwise.Decoder(*args.values())
+
+
+@pytest.mark.parametrize(
+    "tokens, rows, positions, message",
+    [
+        ([0, VOCAB], [0, 1], [0, 0], f"token {VOCAB} is not in the vocabulary of {VOCAB}"),
+        ([0, -1], [0, 1], [0, 0], "token -1 is not in the vocabulary"),
+        ([0, 1], [0, 3], [0, 0], "row 3 is not in the cache's 3"),
+        ([0, 1], [0, 1], [0, CONTEXT], f"position {CONTEXT} is past the cache's {CONTEXT}"),
+        ([0, 1], [0], [0, 0], "one entry per sequence"),
+    ],
+    ids=["token", "negative token", "row", "position", "lengths"],
+)
+def test_a_decode_step_checks_what_it_indexes(trained_model, tokens, rows, positions, message):
+    decoder = RowwiseDecoder(
+        rowwise_model(trained_model, "int8"), rowwise_cache(trained_model.config, 3, CONTEXT, "int8")
+    )
+    with pytest.raises(RuntimeError, match=message):
+        decoder(tokens, rows, positions)
 
 
 def test_a_model_with_more_than_the_kernel_computes_is_refused(trained_model):
