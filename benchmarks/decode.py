@@ -81,10 +81,10 @@ def engine_greedy(engine, prompt_ids, tokens):
     """One greedy request through the engine, as the server sends it; returns its token ids."""
 
     async def run():
-        request = engine.submit(prompt_ids, Sampling(tokens, temperature=0.0))
-        while (await request.events.get()).finish_reason is None:
+        generation = engine.submit(prompt_ids, Sampling(tokens, temperature=0.0))
+        while (await generation.transport.receive()).finish_reason is None:
             pass
-        return request.new_ids
+        return generation.new_ids
 
     return asyncio.run(run())
 

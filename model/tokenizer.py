@@ -135,6 +135,10 @@ class Tokenizer:
         """The text of `ids`; a byte that is no part of a whole UTF-8 character is U+FFFD (one per byte)."""
         return self.sp.decode(list(ids))
 
+    def _byte(self, token):
+        """The byte a byte piece (`<0xNN>`) stands for."""
+        return int(self.sp.id_to_piece(token)[3:5], 16)
+
     def unfinished_character_bytes(self, ids):
         """How many bytes at the end of `ids`' text start a UTF-8 character they do not finish (0 to 3): byte
         pieces that later tokens may still complete, which `decode` shows as U+FFFD until then."""
@@ -142,7 +146,7 @@ class Tokenizer:
         for token in reversed(ids[-3:]):
             if not self.sp.is_byte(token):
                 break
-            tail.insert(0, int(self.sp.id_to_piece(token)[3:5], 16))
+            tail.insert(0, self._byte(token))
         for start in range(len(tail) - 1, -1, -1):
             if tail[start] & 0xC0 == 0x80:  # a continuation byte: look further back for the character's start
                 continue
@@ -151,6 +155,27 @@ class Tokenizer:
             )
             return len(tail) - start if len(tail) - start < needed else 0
         return 0
+
+    def token_text(self, token):
+        """(text, UTF-8 bytes) of one token as OpenAI's logprobs show it: a control token is its piece
+        (`<|endoftext|>`), and a byte piece that is part of a longer character is 'bytes:\\xNN'."""
+        if self.sp.is_byte(token):
+            byte = self._byte(token)
+            return (chr(byte) if byte < 128 else f"bytes:\\x{byte:02x}"), [byte]
+        text = self.sp.id_to_piece(token) if self.sp.is_control(token) else self.decode([token])
+        return text, list(text.encode("utf-8"))
+
+    def decoded_bytes(self, token):
+        """The UTF-8 bytes `token` adds to a decoded text: a control token adds none, a byte piece its byte
+        (maybe a part of a character)."""
+        if self.sp.is_control(token):
+            return b""
+        return bytes(self.token_text(token)[1])
+
+    def longest_piece_chars(self):
+        """The length, in characters, of the longest piece. Text is kept as it is (identity normalisation), so
+        no token covers more characters than this."""
+        return max(len(self.sp.id_to_piece(token)) for token in range(self.vocab_size))
 
     def document_prompt(self, text):
         """Ids for continuing `text` as a fresh document (training put <|endoftext|> before each)."""

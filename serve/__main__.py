@@ -9,10 +9,12 @@ import ipaddress
 import logging
 import math
 import os
+import sys
 
 import torch
 import uvicorn
 
+from model.errors import PipelineError
 from serve.app import BODY_SECONDS, LOOPBACK_HOSTS, MAX_BODY_BYTES, MAX_GENERATION_SECONDS, MAX_QUEUE, create_app
 from serve.engine import DEFAULT_PRECISION, DEFAULT_THREADS
 from serve.kernel import PRECISIONS
@@ -160,20 +162,24 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # The kernel takes its threads as a parameter; torch's own operations (a prompt's attention) take the same.
     torch.set_num_threads(args.threads)
-    app = create_app(
-        args.models_dir,
-        max_batch=args.max_batch,
-        max_body_bytes=args.max_body_bytes,
-        precision=args.precision,
-        api_key=args.api_key,
-        cors_origins=args.cors_origin,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_generation_seconds=args.max_generation_seconds,
-        max_queue=args.max_queue,
-        allowed_hosts=allowed_hosts(args),
-        body_seconds=args.body_seconds,
-        threads=args.threads,
-    )
+    try:
+        app = create_app(
+            args.models_dir,
+            max_batch=args.max_batch,
+            max_body_bytes=args.max_body_bytes,
+            precision=args.precision,
+            api_key=args.api_key,
+            cors_origins=args.cors_origin,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_generation_seconds=args.max_generation_seconds,
+            max_queue=args.max_queue,
+            allowed_hosts=allowed_hosts(args),
+            body_seconds=args.body_seconds,
+            threads=args.threads,
+        )
+    except PipelineError as error:  # one the operator can act on (the kernel is not built): its message, no trace
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     uvicorn.run(
         app,
         host=args.host,

@@ -139,9 +139,9 @@ def test_closing_an_engine_ends_what_it_still_holds(models_dir):
             sampling = Sampling(max_tokens=100, min_tokens=100)
             return [engine.submit([1, 5, 6], sampling) for _ in range(3)]  # one decoding, two queued
 
-    requests = asyncio.run(submit_and_stop())  # the engine has closed: every request has ended
-    assert [request.finish_reason for request in requests][1:] == ["error", "error"]
-    assert requests[0].finish_reason in ("error", "length")
+    generations = asyncio.run(submit_and_stop())  # the engine has closed: every generation has ended
+    assert [generation.finish_reason for generation in generations][1:] == ["error", "error"]
+    assert generations[0].finish_reason in ("error", "length")
 
 
 def test_temperature_zero_is_greedy_and_repeatable(client):
@@ -273,7 +273,7 @@ def test_a_reply_holds_only_whole_characters_and_u_fffd_for_invalid_bytes(
     tokens = script(tokenizer)
     drawn = []
 
-    def scripted(logits, requests):  # the request's next scripted token, whatever the model says
+    def scripted(logits, generations):  # the generation's next scripted token, whatever the model says
         drawn.append(tokens[len(drawn)])
         return drawn[-1:]
 

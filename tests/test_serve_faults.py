@@ -11,10 +11,13 @@ import time
 
 import httpx
 import pytest
+import torch
 
-from serve.__main__ import parse_args
+import serve.kernel
+from serve.__main__ import main, parse_args
 from serve.app import create_app
 from serve.engine import PIPELINE_FROM, PREFILL_CHUNK
+from serve.kernel import KernelBuildError
 from serve.schema import CompletionRequest
 from tests.server import RunningServer
 
@@ -171,9 +174,9 @@ def test_a_request_cancelled_in_its_last_prefill_chunk_ends_alone_beside_request
     forward = engine.model.forward
 
     def cancel_in_last_chunk(tokens, **kwargs):
-        request = engine._prefilling[0]
-        if request.prompt_ids == victim_ids and request.prefilled + tokens.shape[1] == len(victim_ids):
-            request.cancelled = True
+        generation = engine._prefilling[0]
+        if generation.prompt_ids == victim_ids and generation.prefilled + tokens.shape[1] == len(victim_ids):
+            generation.cancelled = True
         return forward(tokens, **kwargs)
 
     monkeypatch.setattr(engine.model, "forward", cancel_in_last_chunk)
@@ -231,7 +234,7 @@ def test_a_decode_step_that_fails_for_one_request_ends_that_request_only(server,
     decoder = engine.decoder
 
     def fail_on_the_poisoned_row(tokens, rows, positions):
-        poisoned = {request.row for request in list(engine._decoding) if request.prompt_ids == poison}
+        poisoned = {generation.row for generation in list(engine._decoding) if generation.prompt_ids == poison}
         if poisoned & set(rows):
             raise RuntimeError("injected failure")
         return decoder(tokens, rows, positions)
@@ -407,6 +410,30 @@ def test_dangling_and_looping_model_links_are_reported(models_dir, tmp_path, cap
         assert any(name in record.getMessage() and "link" in record.getMessage() for record in caplog.records)
     for hosted in app.state.models.values():
         hosted.engine.close()
+
+
+NOT_BUILT = "the server's kernel is not built, and building it needs a C++ compiler: install g++, then run `make setup`"
+
+
+def kernel_not_built():
+    raise KernelBuildError(NOT_BUILT)
+
+
+def test_a_kernel_that_is_not_built_is_one_error_with_its_cause(models_dir, monkeypatch, caplog):
+    """Every model decodes with the kernel: without it the app says why, before trying any model folder,
+    rather than skipping each folder for the same reason and then finding no loadable model."""
+    monkeypatch.setattr(serve.kernel, "library", kernel_not_built)
+    with caplog.at_level(logging.ERROR, logger="serve"), pytest.raises(KernelBuildError) as raised:
+        create_app(models_dir)
+    assert str(raised.value) == NOT_BUILT and caplog.records == []
+
+
+def test_the_server_command_prints_a_kernel_that_is_not_built_as_one_line(models_dir, monkeypatch, capsys):
+    monkeypatch.setattr(serve.kernel, "library", kernel_not_built)
+    with pytest.raises(SystemExit) as ended:
+        main(["--models-dir", str(models_dir), "--threads", str(torch.get_num_threads())])
+    assert ended.value.code == 1
+    assert capsys.readouterr().err == f"error: {NOT_BUILT}\n"
 
 
 @pytest.mark.parametrize(

@@ -287,7 +287,7 @@ def test_a_model_whose_decoding_thread_died_answers_503_and_fails_health(models_
 
 
 def recorded_submissions(engine, monkeypatch):
-    """The engine's Requests, as they are submitted."""
+    """The engine's Generations, as they are submitted."""
     submitted, submit = [], engine.submit
     monkeypatch.setattr(
         engine, "submit", lambda *args, **kwargs: submitted.append(submit(*args, **kwargs)) or submitted[-1]
