@@ -96,9 +96,10 @@ class Transport:
 @dataclass
 class TextStream:
     """The text a generation has sent so far: it ends before the first of `stop`, and holds back any tail
-    that may still grow into one."""
+    that may still grow into one. Unless `streamed`, it is sent once, whole, at the end."""
 
     stop: tuple = ()  # strings that end the text (not included)
+    streamed: bool = True  # sent as it grows (a streamed reply), not only at the end
     sent_chars: int = 0
 
 
@@ -199,10 +200,19 @@ class Engine:
         return len(self._prefilling) + len(self._decoding)
 
     def submit(
-        self, prompt_ids, sampling, seed=None, choice=0, stop=(), max_seconds=None, logprobs=None, prompt_logprobs=False
+        self,
+        prompt_ids,
+        sampling,
+        seed=None,
+        choice=0,
+        stop=(),
+        max_seconds=None,
+        logprobs=None,
+        prompt_logprobs=False,
+        streamed=True,
     ):
         """Queues a generation; receive its Events with `await generation.transport.receive()` (on the calling
-        event loop).
+        event loop): as its text grows, or with `streamed` False one event at the end.
 
         `logprobs`: None, or how many alternatives each token's TokenLogprob lists (0: the token only);
         `prompt_logprobs`: with `logprobs`, the prompt's tokens get theirs too (in `generation.logprobs.prompt`).
@@ -212,7 +222,7 @@ class Engine:
             sampling,
             random_stream(seed, choice),
             transport=Transport(asyncio.get_running_loop()),
-            text_stream=TextStream(tuple(stop)),
+            text_stream=TextStream(tuple(stop), streamed),
             logprobs=None if logprobs is None else Logprobs(logprobs, prompt_logprobs),
             max_seconds=max_seconds,
         )
@@ -404,24 +414,31 @@ class Engine:
             return
         generation.new_ids.append(token)
         finish_reason = generation.finished(self.context_length)
+        text_stream = generation.text_stream
+        if finish_reason is None and not (text_stream.streamed or text_stream.stop):
+            # Nobody reads the text before its end, and no stop string can end it early: it is made once, at the
+            # end (decoding every token's text is a fifth of a token's time at one stream).
+            if not generation.out_of_time():
+                return
+            finish_reason = "length"
         ids = generation.new_ids[:-1] if finish_reason == "stop" else generation.new_ids
         text = self.tokenizer.decode(ids)
         # A character the text has only begun is not in it: a later token may finish it, and a reply that ends
         # first ends without it (an invalid byte inside the text stays U+FFFD).
         text = text[: len(text) - self.tokenizer.unfinished_character_bytes(ids)]
-        sent_chars = generation.text_stream.sent_chars
-        for stop in generation.text_stream.stop:
+        sent_chars = text_stream.sent_chars
+        for stop in text_stream.stop:
             at = text.find(stop, max(0, sent_chars - len(stop)))
             if at != -1:
                 text, finish_reason = text[:at], "stop"
         if finish_reason is None and generation.out_of_time():
             finish_reason = "length"
         if finish_reason is None:  # hold back what may turn out to be the start of a stop string
-            text = text[: len(text) - _unsafe_tail(text, generation.text_stream.stop)]
+            text = text[: len(text) - _unsafe_tail(text, text_stream.stop)]
         delta = text[sent_chars:]
-        generation.text_stream.sent_chars = max(sent_chars, len(text))
         generation.finish_reason = finish_reason
-        if delta or finish_reason:
+        if finish_reason or (delta and text_stream.streamed):
+            text_stream.sent_chars = max(sent_chars, len(text))
             # The logprobs of the tokens generated since the last event (a stop token that ended the text is
             # not part of it, nor of them).
             logprobs = [] if generation.logprobs is None else generation.logprobs.unsent(len(ids))

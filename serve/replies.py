@@ -75,6 +75,7 @@ async def respond(request, hosted, body, prompts, reply_type, logprobs):
                 settings.max_generation_seconds,
                 logprobs,
                 prompt.echo and logprobs is not None,
+                streamed=bool(body.stream),
             ),
         )
         for prompt in prompts

@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -204,6 +205,13 @@ def test_a_request_gives_the_same_text_alone_and_batched_with_others(models_dir,
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             alone = [await texts(client, [body]) for body in targets]
             engine = server.app.state.models["base"].engine
+            decode = engine.decoder
+
+            def slow_decode(*step):  # the others must outlast the targets, however fast this machine decodes
+                time.sleep(0.002)
+                return decode(*step)
+
+            engine.decoder = slow_decode
             background = asyncio.ensure_future(texts(client, others))
             while engine.in_flight() < len(others):
                 assert not background.done(), background.result()
@@ -246,6 +254,26 @@ def test_streamed_completion_equals_the_whole_reply(client):
     assert len(chunks) > 1
     assert "".join(chunk.choices[0].text for chunk in chunks) == whole
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_generation_not_streamed_sends_its_text_once_at_the_end(server):
+    """Nobody reads a whole reply's text before it ends, so the engine makes and sends it once (with or without
+    stop strings, which it still checks token by token); the text is the streamed one's."""
+    engine = server.app.state.models["base"].engine
+
+    async def events(streamed, stop):
+        sampling = Sampling(max_tokens=24, temperature=0.9)
+        generation = engine.submit([1, 30, 40], sampling, seed=5, stop=stop, streamed=streamed)
+        received = [await generation.transport.receive()]
+        while received[-1].finish_reason is None:
+            received.append(await generation.transport.receive())
+        return received
+
+    for stop in ((), ("zzzz",)):
+        streamed, whole = asyncio.run(events(True, stop)), asyncio.run(events(False, stop))
+        assert len(streamed) > 1 and len(whole) == 1
+        assert whole[0].text == "".join(event.text for event in streamed)
+        assert whole[0].completion_tokens == streamed[-1].completion_tokens == 24
 
 
 def byte_piece(tokenizer, value):

@@ -17,7 +17,7 @@ from tests.server import RunningServer
 
 KEY = "s3cret-key"
 AUTHORIZED = {"Authorization": f"Bearer {KEY}"}
-LONG = 2000  # tokens: about 2 s of decoding for the tiny model, long enough to be seen cut short
+LONG = 2000  # tokens: long enough to be seen cut short
 COMPLETION = {"model": "base", "prompt": "Hello", "max_tokens": 4}
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
 
@@ -311,6 +311,13 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(open_server, monke
 def test_a_client_that_leaves_before_the_reply_stops_its_generation(open_server, monkeypatch):
     engine = open_server.app.state.models["base"].engine
     submitted = recorded_submissions(engine, monkeypatch)
+    decode = engine.decoder
+
+    def slow_decode(*step):  # a millisecond a token: LONG tokens take over 2 s whatever the machine
+        time.sleep(0.001)
+        return decode(*step)
+
+    monkeypatch.setattr(engine, "decoder", slow_decode)
     body = {**COMPLETION, "max_tokens": LONG, "min_tokens": LONG}
     outcome = []
 
