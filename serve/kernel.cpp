@@ -14,7 +14,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
@@ -97,19 +104,109 @@ static inline void tile(const float* x, const W* w, int64_t K, float* y, int64_t
         }
 }
 
-static void linear_f32(const float* w, int64_t N, int64_t K, const float* x, float* y, int64_t B,
-                           int threads) {
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n += 4) {
-        if (n + 4 <= N) {
-            int64_t b = 0;
-            for (; b + 4 <= B; b += 4) tile<float, 4, 4>(x + b * K, w + n * K, K, y + b * N + n, N);
-            for (; b < B; b++) tile<float, 1, 4>(x + b * K, w + n * K, K, y + b * N + n, N);
-        } else {
-            for (int64_t c = n; c < N; c++)
-                for (int64_t b = 0; b < B; b++) tile<float, 1, 1>(x + b * K, w + c * K, K, y + b * N + c, N);
+// Columns n .. n + 3 (fewer at the end) of y, for every row.
+static void linear_f32_columns(const float* w, int64_t N, int64_t K, const float* x, float* y, int64_t B, int64_t n) {
+    if (n + 4 <= N) {
+        int64_t b = 0;
+        for (; b + 4 <= B; b += 4) tile<float, 4, 4>(x + b * K, w + n * K, K, y + b * N + n, N);
+        for (; b < B; b++) tile<float, 1, 4>(x + b * K, w + n * K, K, y + b * N + n, N);
+    } else {
+        for (int64_t c = n; c < N; c++)
+            for (int64_t b = 0; b < B; b++) tile<float, 1, 1>(x + b * K, w + c * K, K, y + b * N + c, N);
+    }
+}
+
+// The kernel's threads: the calling thread and `size` - 1 workers of its own. A decode step hands them some forty
+// pieces of work in quick succession, so a worker waits for the next one spinning for a moment, then sleeping,
+// so that an idle server holds no core. (OpenMP's workers, from any thread but the process's first, sleep at
+// once whenever its threads outnumber the cores, as the engine's do, and a step then costs seven times as long
+// in wake-ups.) Who computes what never changes a result: every output element is computed whole by one thread.
+class Workers {
+  public:
+    explicit Workers(int size) : size_(size) {
+        for (int index = 1; index < size; index++) threads_.emplace_back([this, index] { work(index); });
+    }
+
+    ~Workers() {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            stopping_ = true;
+            round_.fetch_add(1, std::memory_order_release);
+        }
+        wake_.notify_all();
+        for (std::thread& thread : threads_) thread.join();
+    }
+
+    int size() const { return size_; }
+
+    // Calls task(i) for each i in [0, size): task(0) on the calling thread, the others on the workers; returns
+    // when all have returned.
+    void run(const std::function<void(int)>& task) {
+        if (size_ == 1) return task(0);
+        task_ = &task;
+        unfinished_.store(size_ - 1, std::memory_order_relaxed);
+        {
+            std::lock_guard<std::mutex> lock(mutex_);  // a worker about to sleep sees the new round, or is woken
+            round_.fetch_add(1, std::memory_order_release);
+        }
+        wake_.notify_all();
+        task(0);
+        while (unfinished_.load(std::memory_order_acquire) != 0) pause();
+    }
+
+  private:
+    static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+        _mm_pause();
+#endif
+    }
+
+    void work(int index) {
+        for (uint64_t seen = 0;;) {
+            auto give_up = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
+            while (round_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < give_up)
+                for (int i = 0; i < 32; i++) pause();
+            if (round_.load(std::memory_order_acquire) == seen) {
+                std::unique_lock<std::mutex> lock(mutex_);
+                wake_.wait(lock, [&] { return round_.load(std::memory_order_acquire) != seen; });
+            }
+            seen = round_.load(std::memory_order_acquire);
+            if (stopping_) return;
+            (*task_)(index);
+            unfinished_.fetch_sub(1, std::memory_order_acq_rel);
         }
     }
+
+    const int size_;
+    std::vector<std::thread> threads_;
+    std::mutex mutex_;
+    std::condition_variable wake_;
+    std::atomic<uint64_t> round_{0};
+    std::atomic<int> unfinished_{0};
+    std::atomic<bool> stopping_{false};
+    const std::function<void(int)>* task_ = nullptr;
+};
+
+// The calling thread's own Workers (made on its first call: each engine's thread has its own).
+static Workers& workers_of_this_thread(int threads) {
+    thread_local std::unique_ptr<Workers> workers;
+    if (!workers || workers->size() != threads) workers = std::make_unique<Workers>(threads);
+    return *workers;
+}
+
+// body(first, last) for `threads` consecutive parts of [0, count), on this thread's Workers.
+template <typename Body>
+static void parallel_for(int64_t count, int threads, Body body) {
+    workers_of_this_thread(threads).run([&](int part) {
+        int64_t first = count * part / threads, last = count * (part + 1) / threads;
+        if (first < last) body(first, last);
+    });
+}
+
+static void linear_f32(const float* w, int64_t N, int64_t K, const float* x, float* y, int64_t B, int threads) {
+    parallel_for((N + 3) / 4, threads, [&](int64_t first, int64_t last) {
+        for (int64_t n = first * 4; n < std::min(N, last * 4); n += 4) linear_f32_columns(w, N, K, x, y, B, n);
+    });
 }
 
 // int8: each row of x is rounded to int8 with a scale of its own (its largest magnitude maps to 127), and
@@ -200,20 +297,21 @@ static void integer_linear(const RoundedRows& x, const int8_t* w, const float* s
                            int64_t B, int threads) {
     const int16_t* xq = x.values.data();
     const float* xs = x.scales.data();
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n += 4) {
-        if (n + 4 <= N) {
-            int64_t b = 0;
-            for (; b + 4 <= B; b += 4)
-                for (int64_t c = n; c < n + 4; c += 2)
-                    integer_tile<4, 2>(xq + b * K, xs + b, w + c * K, scale + c, K, y + b * N + c, N);
-            for (; b < B; b++) integer_tile<1, 4>(xq + b * K, xs + b, w + n * K, scale + n, K, y + b * N + n, N);
-        } else {
-            for (int64_t b = 0; b < B; b++)
-                for (int64_t c = n; c < N; c++)
-                    integer_tile<1, 1>(xq + b * K, xs + b, w + c * K, scale + c, K, y + b * N + c, N);
+    parallel_for((N + 3) / 4, threads, [&](int64_t first, int64_t last) {
+        for (int64_t n = first * 4; n < std::min(N, last * 4); n += 4) {
+            if (n + 4 <= N) {
+                int64_t b = 0;
+                for (; b + 4 <= B; b += 4)
+                    for (int64_t c = n; c < n + 4; c += 2)
+                        integer_tile<4, 2>(xq + b * K, xs + b, w + c * K, scale + c, K, y + b * N + c, N);
+                for (; b < B; b++) integer_tile<1, 4>(xq + b * K, xs + b, w + n * K, scale + n, K, y + b * N + n, N);
+            } else {
+                for (int64_t b = 0; b < B; b++)
+                    for (int64_t c = n; c < N; c++)
+                        integer_tile<1, 1>(xq + b * K, xs + b, w + c * K, scale + c, K, y + b * N + c, N);
+            }
         }
-    }
+    });
 }
 
 // Attention of one new token per sequence, the decode step's: for each sequence b and head h, its new
@@ -226,9 +324,9 @@ template <typename Cache>
 static void decode_attention(const float* queries, const float* new_keys, const float* new_values, Cache* keys,
                              Cache* values, const int64_t* rows, const int64_t* ends, float* out, int64_t B,
                              int64_t H, int64_t L, int64_t D, float scale, int threads) {
-    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t h = 0; h < H; h++) {
+    parallel_for(B * H, threads, [&](int64_t first, int64_t last) {
+        for (int64_t item = first; item < last; item++) {
+            const int64_t b = item / H, h = item % H;
             const float* query = queries + (b * H + h) * D;
             Cache* own_keys = keys + (rows[b] * H + h) * L * D;
             Cache* own_values = values + (rows[b] * H + h) * L * D;
@@ -263,6 +361,7 @@ static void decode_attention(const float* queries, const float* new_keys, const 
             }
             for (int64_t d = 0; d < D; d++) result[d] /= total;
         }
+    });
 }
 
 // RMSNorm of each row: x / sqrt(mean(x^2) + eps) * weight, the sum of squares in the fixed order of tile().

@@ -36,7 +36,7 @@ from model.gpt import KVCache
 
 SOURCE = Path(__file__).with_name("kernel.cpp")
 BUILD = Path(sys.prefix) / "serve-kernel"  # inside the environment whose torch it is built against
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off")
 PRECISIONS = ("int8", "fp32")
 # The KV cache's numbers at each precision. Decoding many long sequences reads the cache more than the
 # weights (the ryangpt shape holds 7.4 MB of fp32 keys and values per sequence at position 480, against
@@ -96,7 +96,6 @@ def build():
             name,
             [str(SOURCE)],
             extra_cflags=list(FLAGS),
-            extra_ldflags=["-fopenmp"],
             build_directory=str(folder),
             is_python_module=False,
         )

@@ -2,6 +2,9 @@
 
 import copy
 import gc
+import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -240,6 +243,37 @@ def test_a_copied_layer_computes_on_its_own_weights_after_the_original_is_gone()
     del layer
     gc.collect()
     torch.testing.assert_close(copied(inputs), expected, rtol=0, atol=0)
+
+
+def os_threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_the_kernels_threads_change_no_bit_and_end_with_the_thread_that_used_them(trained_model, precision):
+    """Each output element is computed whole by one of the kernel's threads, so their number changes nothing;
+    a thread's workers are its own and end with it (an engine's, when the engine closes)."""
+    sequences = [prompt(length, seed=70 + length) for length in (3, 9, 5, 12, 2)]
+    model = rowwise_model(trained_model, precision)
+
+    def logits(threads):
+        cache = rowwise_cache(trained_model.config, len(sequences), CONTEXT, precision)
+        for row, sequence in enumerate(sequences):
+            decode(model, cache, row, sequence[:-1], 0)
+        decoder = RowwiseDecoder(model, cache, threads)
+        return decoder([s[-1] for s in sequences], range(len(sequences)), [len(s) - 1 for s in sequences])
+
+    before = os_threads()
+    results = {}
+    for threads in (1, 2, 3):
+        worker = threading.Thread(target=lambda threads=threads: results.update({threads: logits(threads)}))
+        worker.start()
+        worker.join()
+    assert torch.equal(results[1], results[2]) and torch.equal(results[1], results[3])
+    deadline = time.monotonic() + 5  # a finished thread's own cleanup (which ends its workers) runs after join()
+    while os_threads() != before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert os_threads() == before
 
 
 def swap(items, i, j):
