@@ -43,7 +43,7 @@ from model import llama_server
 from model.export import load_export
 from model.generate import Sampling, next_tokens
 from model.llamacpp import LLAMA_CPP_PYTHON, convert
-from serve.engine import Engine
+from serve.engine import DEFAULT_THREADS, Engine
 
 COMMAND = ".venv/bin/python -m benchmarks.serve_vs_llamacpp"
 REQUESTS_PER_CLIENT = 2
@@ -231,10 +231,10 @@ def report(args, got, context, others):
         "",
         *speed_table([(threads, threads) for threads in args.threads]),
         "",
-        "At both servers' defaults: ours without `--threads` (1), llama-server without `-t`/`-tb` (it chose "
-        f"{got['default threads']} here).",
+        f"At both servers' defaults: ours without `--threads` ({DEFAULT_THREADS} here), llama-server without "
+        f"`-t`/`-tb` (it chose {got['default threads']} here).",
         "",
-        *speed_table([(None, f"ours 1, llama.cpp {got['default threads']}")]),
+        *speed_table([(None, f"ours {DEFAULT_THREADS}, llama.cpp {got['default threads']}")]),
         "",
         f"Same text? A seeded (temperature 0.8) and a greedy request, each sent alone, alone again, and both at once "
         f"beside {most - 2} other requests (threads {args.threads[0]}, {most} slots):",

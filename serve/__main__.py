@@ -67,9 +67,9 @@ def parse_args(argv=None):
         "--threads",
         type=positive(int),
         default=DEFAULT_THREADS,
-        help=f"torch threads for decoding (default: {DEFAULT_THREADS}; decoding a few rows is bound "
-        "by memory, and threads that wait on each other stall whenever another process holds "
-        "a core)",
+        help=f"the decode kernel's threads, and torch's for a prompt's attention (default: every core this "
+        f"process may use, {DEFAULT_THREADS} here; a step's threads wait on each other, so where another process "
+        "holds a core, fewer)",
     )
     parser.add_argument(
         "--api-key",
