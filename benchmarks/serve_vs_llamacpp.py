@@ -46,7 +46,7 @@ from model.llamacpp import LLAMA_CPP_PYTHON, convert
 from serve.engine import DEFAULT_THREADS, Engine
 
 COMMAND = ".venv/bin/python -m benchmarks.serve_vs_llamacpp"
-REQUESTS_PER_CLIENT = 2
+REQUESTS = 16  # per measurement, at least: one stream's figure then rests on 16 requests, not 2
 SERVERS = ("ours", "llama.cpp")
 
 
@@ -56,6 +56,10 @@ def body(server, prompt, tokens, temperature, seed, stream=False):
     if server == "ours":
         return {**fields, "model": "base", "min_tokens": tokens}
     return {**fields, "ignore_eos": True, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+
+
+def requests_per_client(clients):
+    return max(2, -(-REQUESTS // clients))
 
 
 async def complete(client, url, request):
@@ -68,18 +72,18 @@ async def complete(client, url, request):
 
 
 async def throughput(url, server, clients, tokens):
-    """(tokens/s of `clients` clients each sending REQUESTS_PER_CLIENT requests one after the other, the median
+    """(tokens/s of `clients` clients each sending requests_per_client(clients) requests one after the other, the median
     of the server's own decode ms per token in its replies: llama.cpp's `timings`, None for ours)."""
     async with httpx.AsyncClient(timeout=600) as client:
 
         async def client_loop(index):
-            requests = [body(server, PROMPT, tokens, 0.8, index * 100 + i) for i in range(REQUESTS_PER_CLIENT)]
+            requests = [body(server, PROMPT, tokens, 0.8, index * 100 + i) for i in range(requests_per_client(clients))]
             return [(await complete(client, url, request)).get("timings") for request in requests]
 
         await complete(client, url, body(server, PROMPT, 8, 0.8, 0))  # warm-up
         start = time.perf_counter()
         per_client = await asyncio.gather(*(client_loop(index) for index in range(clients)))
-        speed = clients * REQUESTS_PER_CLIENT * tokens / (time.perf_counter() - start)
+        speed = clients * requests_per_client(clients) * tokens / (time.perf_counter() - start)
     timings = list(itertools.chain(*per_client))
     return speed, None if None in timings else statistics.median(t["predicted_per_token_ms"] for t in timings)
 
@@ -152,7 +156,8 @@ def engine_profile(model, tokenizer, tokens, threads, runs=3):
 
     async def request(seed):
         sampling = Sampling(tokens, temperature=0.8, min_tokens=tokens, stop_ids=tokenizer.document_end_ids)
-        generation = engine.submit(tokenizer.document_prompt(PROMPT), sampling, seed)
+        # Not streamed, as the measured requests: the text is made once, at the end.
+        generation = engine.submit(tokenizer.document_prompt(PROMPT), sampling, seed, streamed=False)
         while (await generation.transport.receive()).finish_reason is None:
             pass
         assert len(generation.new_ids) == tokens, f"the engine generated {len(generation.new_ids)} tokens"
@@ -224,7 +229,8 @@ def report(args, got, context, others):
         f"llama-cpp-python {LLAMA_CPP_PYTHON}'s vendored llama.cpp, built for this CPU.",
         "",
         "The ryangpt shape (random weights), ours int8 against llama.cpp q8_0. Each client sends "
-        f"{REQUESTS_PER_CLIENT} non-streamed requests one after the other, each exactly {args.tokens} new tokens, "
+        f"non-streamed requests one after the other ({REQUESTS} in all, 2 per client at least), each exactly "
+        f"{args.tokens} new tokens, "
         "seeded, temperature 0.8 over the whole vocabulary (llama.cpp's top-k, top-p and min-p off: ours has none by "
         f"default); llama-server has a slot per client, each with the whole context ({context} tokens). "
         "Tokens/s of all clients together; ours / llama.cpp above 1: ours is faster.",
