@@ -46,6 +46,7 @@ from model.llamacpp import LLAMA_CPP_PYTHON, convert
 from serve.engine import DEFAULT_THREADS, Engine
 
 COMMAND = ".venv/bin/python -m benchmarks.serve_vs_llamacpp"
+ROUNDS = 3
 REQUESTS = 16  # per measurement, at least: one stream's figure then rests on 16 requests, not 2
 SERVERS = ("ours", "llama.cpp")
 
@@ -191,10 +192,15 @@ def measure(args, folder, tokenizer, gguf_file, log_file):
     for threads in [*args.threads, None]:  # None: both servers' defaults
         with running_server(folder.parent, *(("--threads", str(threads)) if threads else ())) as (url, _):
             for streams in args.streams:
-                got["speeds"][threads, "ours", streams] = asyncio.run(throughput(url, "ours", streams, args.tokens))
                 with llama(threads, streams) as llama_url:
-                    speed = asyncio.run(throughput(llama_url, "llama.cpp", streams, args.tokens))
-                    got["speeds"][threads, "llama.cpp", streams] = speed
+                    # The servers take turns, ROUNDS times, and each keeps its median: this machine's speed drifts
+                    # by a quarter between minutes (measured), more than what is compared here.
+                    rounds = {"ours": [], "llama.cpp": []}
+                    for _ in range(ROUNDS):
+                        for server, at in (("ours", url), ("llama.cpp", llama_url)):
+                            rounds[server].append(asyncio.run(throughput(at, server, streams, args.tokens)))
+                    for server, measured in rounds.items():
+                        got["speeds"][threads, server, streams] = sorted(measured)[ROUNDS // 2]
                     # the last one read: llama-server's own choice, at its defaults
                     got["default threads"] = re.search(r"n_threads = (\d+)", log_file.read_text()).group(1)
             if threads is None:
@@ -233,7 +239,8 @@ def report(args, got, context, others):
         f"{args.tokens} new tokens, "
         "seeded, temperature 0.8 over the whole vocabulary (llama.cpp's top-k, top-p and min-p off: ours has none by "
         f"default); llama-server has a slot per client, each with the whole context ({context} tokens). "
-        "Tokens/s of all clients together; ours / llama.cpp above 1: ours is faster.",
+        f"Tokens/s of all clients together, the median of {ROUNDS} rounds in which the servers take turns; "
+        "ours / llama.cpp above 1: ours is faster.",
         "",
         *speed_table([(threads, threads) for threads in args.threads]),
         "",

@@ -3,8 +3,11 @@
 import copy
 import gc
 import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -523,3 +526,36 @@ def test_completions_decode_the_generated_tokens(tokenizer):
     model = biased_model(tokenizer.vocab_size, word_id)
     for _, completion in completions(model, tokenizer, True, evaluate_params(4), seed=0):
         assert completion == tokenizer.decode([word_id] * 4)
+
+
+# --- building the kernel: at set-up, never by the server ---------------------------------------------
+
+
+def kernel_script(tmp_path, code, compiler):
+    """Runs `code` in a fresh process whose kernel build folder is `tmp_path` (so nothing is built there yet)
+    and whose C++ compiler is `compiler`."""
+    setup = f"import serve.kernel as kernel; from pathlib import Path; kernel.BUILD = Path({str(tmp_path)!r})\n"
+    return subprocess.run(
+        [sys.executable, "-c", setup + code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CXX": compiler},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def test_set_up_without_a_compiler_says_so_in_one_line_and_goes_on(tmp_path):
+    result = kernel_script(tmp_path, "kernel.build()", "no-such-compiler")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 1 and "no C++ compiler 'no-such-compiler' found" in result.stdout
+    assert "install g++" in result.stdout and not list(tmp_path.glob("*.so"))
+
+
+@pytest.mark.parametrize(
+    "compiler, cause",
+    [("no-such-compiler", "building it needs a C++ compiler: install g++"), ("c++", "run `make setup`")],
+)
+def test_a_kernel_that_is_not_built_is_refused_with_what_to_do_not_compiled(tmp_path, compiler, cause):
+    result = kernel_script(tmp_path, "kernel.library()", compiler)
+    assert result.returncode == 1 and "KernelBuildError" in result.stderr and cause in result.stderr
+    assert not list(tmp_path.iterdir())  # nothing was compiled
