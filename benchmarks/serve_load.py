@@ -60,8 +60,9 @@ def build_export(folder):
     return folder / "models" / "base", Tokenizer(tokenizer_path)
 
 
-async def one_request(client, url, tokens, seed):
-    body = {
+def streamed_body(tokens, seed):
+    """A streamed completion of exactly `tokens` new tokens."""
+    return {
         "model": "base",
         "prompt": PROMPT,
         "max_tokens": tokens,
@@ -70,6 +71,10 @@ async def one_request(client, url, tokens, seed):
         "seed": seed,
         "stream": True,
     }
+
+
+async def one_request(client, url, tokens, seed):
+    body = streamed_body(tokens, seed)
     start = time.perf_counter()
     first = None
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
@@ -108,15 +113,7 @@ async def prefill_gaps(url, long_prompt, streams=15, tokens=300):
     started = asyncio.Event()
 
     async def stream(client, index):
-        body = {
-            "model": "base",
-            "prompt": PROMPT,
-            "max_tokens": tokens,
-            "min_tokens": tokens,
-            "temperature": 0.8,
-            "seed": index,
-            "stream": True,
-        }
+        body = streamed_body(tokens, index)
         async with client.stream("POST", url + "/v1/completions", json=body) as response:
             async for line in response.aiter_lines():
                 if line.startswith("data:"):

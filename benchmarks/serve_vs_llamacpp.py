@@ -262,7 +262,9 @@ def report(args, got, context, others):
     lines += [
         "",
         "Where a token's time goes at one stream, in ms per token (total: the 1-stream row above; our engine alone: "
-        "the median of 3 requests in process). The bound: the weight bytes a token reads (ours int8 "
+        "the median of 3 requests in process; HTTP and the rest: the difference of the two, measured a minute "
+        "apart, so within this machine's drift of zero where it is small). The bound: the weight bytes a token "
+        "reads (ours int8 "
         f"with its scales, {weights['ours'] / 1e6:.1f} MB; llama.cpp's q8_0, {weights['llama.cpp'] / 1e6:.1f} MB; "
         "the embedding left out) at the memory bandwidth measured here: "
         + ", ".join(f"{got['bandwidth'][threads]:.1f} GB/s with {threads} thread(s)" for threads in args.threads)

@@ -12,6 +12,7 @@ import codecs
 import json
 import time
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from fastapi.responses import StreamingResponse
@@ -122,7 +123,7 @@ class GenerationStream(StreamingResponse):
                 generation.cancelled = True
 
 
-class Reply:
+class Reply(ABC):
     """The reply to one request: `collect` waits for every choice's whole text and builds one body, `events`
     streams each piece of text as it comes. A subclass says what its bodies are and how a choice looks."""
 
@@ -143,13 +144,13 @@ class Reply:
         prompts = {id(prompt): prompt for prompt, _ in generations}.values()  # each runs n times; it counts once
         self.prompt_tokens = sum(len(prompt.ids) for prompt in prompts)
 
+    @abstractmethod
     def _choice(self, index, prompt, generation, text, logprobs, finish_reason):
         """Choice `index` of the whole reply: its `text` and the engine's TokenLogprobs of its tokens."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _chunk_choice(self, index, prompt, generation, event, first):
         """Choice `index` in a stream chunk: the piece of text that `event` brings (`first`: the choice's first)."""
-        raise NotImplementedError
 
     def _usage(self, completion_tokens):
         return Usage(

@@ -1,4 +1,4 @@
-"""Runs the real server (uvicorn, real sockets) in a background thread for the tests."""
+"""Runs the real server (uvicorn, real sockets) in a background thread for the tests, and what its tests wait with."""
 
 import threading
 import time
@@ -37,3 +37,23 @@ class RunningServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def wait_until(condition, seconds=10.0):
+    """The first truthy value of `condition()` within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+    return value
+
+
+def slowed(decode, seconds):
+    """`decode` (an engine's decoder) taking at least `seconds` a step: generations that must outlast something
+    else then do, however fast the machine decodes. The logits are the decoder's own."""
+
+    def slow_decode(*step):
+        time.sleep(seconds)
+        return decode(*step)
+
+    return slow_decode

@@ -5,7 +5,6 @@ import json
 import re
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,7 @@ from model.generate import Sampling
 from model.special_tokens import END_OF_TEXT_ID
 from serve.app import create_app
 from serve.engine import DEFAULT_THREADS, PIPELINE_FROM
-from tests.server import RunningServer
+from tests.server import RunningServer, slowed
 
 openai = pytest.importorskip("openai")
 
@@ -206,13 +205,7 @@ def test_a_request_gives_the_same_text_alone_and_batched_with_others(models_dir,
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             alone = [await texts(client, [body]) for body in targets]
             engine = server.app.state.models["base"].engine
-            decode = engine.decoder
-
-            def slow_decode(*step):  # the others must outlast the targets, however fast this machine decodes
-                time.sleep(0.002)
-                return decode(*step)
-
-            engine.decoder = slow_decode
+            engine.decoder = slowed(engine.decoder, 0.002)  # the others must outlast the targets
             background = asyncio.ensure_future(texts(client, others))
             while engine.in_flight() < len(others):
                 assert not background.done(), background.result()

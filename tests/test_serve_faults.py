@@ -19,7 +19,7 @@ from serve.app import create_app
 from serve.engine import PIPELINE_FROM, PREFILL_CHUNK
 from serve.kernel import KernelBuildError
 from serve.schema import CompletionRequest
-from tests.server import RunningServer
+from tests.server import RunningServer, wait_until
 
 ROWS = 4  # batch rows of the small server: fewer than the generations the tests send at once
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
@@ -41,14 +41,6 @@ def server(models_dir):
     # One kernel thread, so that on 2 cores or more the batch steps in halves (tested below).
     with RunningServer(models_dir, threads=1) as server:
         yield server
-
-
-def wait_until(condition, seconds=10.0):
-    deadline = time.monotonic() + seconds
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
-    return value
 
 
 def all_rows_free(server, model):

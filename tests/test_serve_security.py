@@ -13,7 +13,7 @@ import pytest
 
 from serve.__main__ import parse_args
 from tests.browser import headless_chromium
-from tests.server import RunningServer
+from tests.server import RunningServer, slowed, wait_until
 
 KEY = "s3cret-key"
 AUTHORIZED = {"Authorization": f"Bearer {KEY}"}
@@ -51,15 +51,6 @@ def assert_error(response, status, param=None, code=None):
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["param"], error["code"]) == (param, code)
     return error
-
-
-def wait_until(condition, seconds=3.0):
-    """The first truthy value of `condition()` within `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
-    return value
 
 
 def data_lines(response):
@@ -311,13 +302,7 @@ def test_a_client_that_leaves_mid_stream_stops_its_generation(open_server, monke
 def test_a_client_that_leaves_before_the_reply_stops_its_generation(open_server, monkeypatch):
     engine = open_server.app.state.models["base"].engine
     submitted = recorded_submissions(engine, monkeypatch)
-    decode = engine.decoder
-
-    def slow_decode(*step):  # a millisecond a token: LONG tokens take over 2 s whatever the machine
-        time.sleep(0.001)
-        return decode(*step)
-
-    monkeypatch.setattr(engine, "decoder", slow_decode)
+    monkeypatch.setattr(engine, "decoder", slowed(engine.decoder, 0.001))  # LONG tokens: over 2 s
     body = {**COMPLETION, "max_tokens": LONG, "min_tokens": LONG}
     outcome = []
 
