@@ -11,7 +11,8 @@ row's output is bit for bit the same in a batch of any size, at either precision
 - int8: weights rounded to int8 with one scale per output, and each input row rounded to int8 with
   a scale of its own; the products are summed in int32, which is exact, so the order cannot matter.
   Decoding a token reads every weight once: int8 weights are a quarter of fp32's memory traffic,
-  and an AVX2 integer multiply-add does twice the products of a float one (16 against 8).
+  and an AVX2 integer multiply-add does twice the products of a float one (16 against 8), an AVX-512
+  VNNI one eight times (64, on bytes as they are stored: the kernel uses it where the CPU has it).
 
 The kernel is a set of PyTorch operators (torch.ops.rowwise.*: tensors in and out, checked at the
 boundary), built once by `make setup` (`python -m serve.kernel`, torch.utils.cpp_extension) into the Python

@@ -177,20 +177,21 @@ def test_rowwise_linear_rows_are_bitwise_the_same_in_any_batch(precision):
 
 def test_int8_rows_are_the_documented_integer_arithmetic():
     """Each input row rounded to int8 by its own largest magnitude, int8 weights by their row's, the products
-    summed exactly, both scales applied: computed here in float64 (exact for these integer sums), on widths
-    that fill and do not fill the kernel's 16-wide steps and its 4-row, 4-column tiles."""
+    summed exactly, both scales applied: computed here in float64 (exact for these integer sums), and equal to
+    the bit, whichever multiply-add the CPU has (AVX2's 16-wide steps, AVX-512 VNNI's 64-wide ones with the
+    weights offset by 128), on widths that fill and do not fill those steps and the 4-row, 4-column tiles."""
     torch.manual_seed(25)
-    for out_features, in_features, rows in ((37, 20, 11), (64, 256, 16), (8, 13, 3), (20, 333, 6)):
+    for out_features, in_features, rows in ((37, 20, 11), (64, 256, 16), (8, 13, 3), (20, 333, 6), (6, 1280, 5)):
         weight = torch.randn(out_features, in_features)
         inputs = torch.randn(rows, in_features) * 4
         inputs[1] = 0.0  # a row of zeros has scale 0 and gives zeros
         layer = RowwiseLinear(weight, "int8")
-        input_scale = inputs.abs().amax(dim=1) / 127
-        rounded = torch.round(inputs * torch.where(input_scale > 0, 1 / input_scale, 0.0)[:, None])
+        largest = inputs.abs().amax(dim=1)
+        rounded = torch.round(inputs * torch.where(largest > 0, 127 / largest, 0.0)[:, None])
         assert rounded.abs().max() <= 127
         sums = rounded.double() @ layer.weight.double().T
-        expected = sums.float() * input_scale[:, None] * layer.scale[None, :]
-        torch.testing.assert_close(layer(inputs), expected, rtol=1e-6, atol=1e-6)
+        expected = sums.float() * (largest / 127)[:, None] * layer.scale[None, :]
+        torch.testing.assert_close(layer(inputs), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
