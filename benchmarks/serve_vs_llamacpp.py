@@ -46,7 +46,7 @@ from model.llamacpp import LLAMA_CPP_PYTHON, convert
 from serve.engine import DEFAULT_THREADS, Engine
 
 COMMAND = ".venv/bin/python -m benchmarks.serve_vs_llamacpp"
-ROUNDS = 3
+ROUNDS = 5
 REQUESTS = 16  # per measurement, at least: one stream's figure then rests on 16 requests, not 2
 SERVERS = ("ours", "llama.cpp")
 
