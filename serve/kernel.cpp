@@ -203,9 +203,26 @@ static void parallel_for(int64_t count, int threads, Body body) {
     });
 }
 
+// Tiles of four weight rows ahead that a linear layer asks the memory for before it computes the current one.
+// A step reads its weights in order (15 MB for the ryangpt shape); while they sit in the CPU's last-level cache
+// that costs nothing, but once another process has filled the cache, the hardware prefetcher alone leaves one
+// core waiting on memory: the one-row int8 step took 0.80 to 1.01 ms beside a process copying 64 MB, 0.47 to
+// 0.59 ms with this (0.44 to 0.56 either way on a quiet machine).
+static constexpr int64_t PREFETCH_AHEAD = 8;
+
+template <typename W>
+static inline void prefetch_tile_ahead(const W* w, int64_t n, int64_t N, int64_t K) {
+    if (n + 4 * (PREFETCH_AHEAD + 1) > N) return;
+    const char* ahead = reinterpret_cast<const char*>(w + (n + 4 * PREFETCH_AHEAD) * K);
+    for (int64_t byte = 0; byte < 4 * K * static_cast<int64_t>(sizeof(W)); byte += 64) __builtin_prefetch(ahead + byte);
+}
+
 static void linear_f32(const float* w, int64_t N, int64_t K, const float* x, float* y, int64_t B, int threads) {
     parallel_for((N + 3) / 4, threads, [&](int64_t first, int64_t last) {
-        for (int64_t n = first * 4; n < std::min(N, last * 4); n += 4) linear_f32_columns(w, N, K, x, y, B, n);
+        for (int64_t n = first * 4; n < std::min(N, last * 4); n += 4) {
+            prefetch_tile_ahead(w, n, N, K);
+            linear_f32_columns(w, N, K, x, y, B, n);
+        }
     });
 }
 
@@ -358,6 +375,7 @@ static void integer_linear(const RoundedRows& x, const int8_t* w, const float* s
     const int32_t* sums = x.sums.data();
     parallel_for((N + 3) / 4, threads, [&](int64_t first, int64_t last) {
         for (int64_t n = first * 4; n < std::min(N, last * 4); n += 4) {
+            prefetch_tile_ahead(w, n, N, K);
             if (n + 4 <= N) {
                 int64_t b = 0;
                 for (; b + 4 <= B; b += 4)
