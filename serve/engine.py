@@ -12,7 +12,7 @@ From PIPELINE_FROM decoding generations on, when the kernel's threads leave a co
 steps in two halves that take turns: the kernel works on one half on a thread of its own (it lets go
 of Python's lock meanwhile) while this thread samples the other half's tokens and sends their text.
 That Python work (some tenth of a 16-generation step) then runs on the free core: 8% more tokens/s at
-16 streams, 20% at 64, with the server's default single kernel thread on 2 cores.
+16 streams, 20% at 64, with one kernel thread (`--threads 1`) on 2 cores.
 
 A generation's text never depends on what else is batched: the linear layers compute every row on
 its own and attention runs sequence by sequence (serve/kernel.py), the chunks of a prompt are
