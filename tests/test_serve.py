@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -686,7 +687,8 @@ def test_a_long_prompt_is_prefilled_a_chunk_between_two_decode_steps(server, mon
     from serve.engine import PREFILL_CHUNK
 
     engine = server.app.state.models["base"].engine
-    passes, forward, decoder = [], engine.model.forward, engine.decoder
+    # Decoding slowed so that it outlasts the long prompt's arrival however fast this machine decodes.
+    passes, forward, decoder = [], engine.model.forward, slowed(engine.decoder, 0.005)
     monkeypatch.setattr(
         engine.model,
         "forward",
@@ -699,7 +701,9 @@ def test_a_long_prompt_is_prefilled_a_chunk_between_two_decode_steps(server, mon
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             background = asyncio.gather(*(client.post("/v1/completions", json=decoding) for _ in range(streams)))
+            deadline = time.monotonic() + 30
             while engine.in_flight() < streams or engine._prefilling:
+                assert time.monotonic() < deadline, "the decoding requests never were all in the batch at once"
                 await asyncio.sleep(0.01)
             scored = await client.post("/v1/completions", json=long_prompt)
             assert [reply.status_code for reply in await background] == [200] * streams
