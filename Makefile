@@ -4,9 +4,9 @@ BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup repro test llamacpp profile ryangpt bench
+.PHONY: setup kernel repro test llamacpp profile ryangpt bench
 
-setup: $(VENV)/.installed node_modules/.installed $(VENV)/llama.cpp/VERSION $(VENV)/serve-kernel/built
+setup: $(VENV)/.installed node_modules/.installed $(VENV)/llama.cpp/VERSION kernel
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || python3 -m venv $(VENV)
@@ -18,9 +18,11 @@ $(VENV)/llama.cpp/VERSION: $(VENV)/.installed model/llamacpp.py
 	$(BIN)/python -m model.llamacpp
 	touch $@
 
-# The server's decode kernel (serve/kernel.cpp), compiled here once so that the server compiles nothing. Without a
-# C++ compiler this says so in one line and goes on (the pipeline needs none), and tries again on the next run.
-$(VENV)/serve-kernel/built: $(VENV)/.installed serve/kernel.cpp serve/kernel.py
+# The server's decode kernel (serve/kernel.cpp), compiled here once so that the server compiles nothing. Run every
+# time: the library is built for this source, these flags, this CPU and this torch, and the command returns at once
+# when that one is there (a file stamp would miss a new CPU or torch). Without a C++ compiler it says so in one
+# line and goes on (the pipeline needs none), and tries again on the next run.
+kernel: $(VENV)/.installed
 	$(BIN)/python -m serve.kernel
 
 # The plots page's JavaScript (vega, from the npm registry), so `dvc plots show` renders offline.

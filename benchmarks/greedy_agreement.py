@@ -84,7 +84,8 @@ def runtimes(name):
 
 
 def first_difference(reference, other):
-    """The first step where the two differ (None: the same tokens, to the end of the shorter one's text)."""
+    """The first step where the two differ: None for the same tokens, the shorter one's length where one is the
+    other's beginning."""
     for index, (a, b) in enumerate(zip(reference, other)):
         if a != b:
             return index

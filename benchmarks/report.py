@@ -4,7 +4,6 @@ import datetime
 import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import httpx
 import torch
+
+from model.llama_server import free_port
 
 REPORT = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 INTRO = "# Benchmarks\n\nMeasured figures; each section is regenerated in place by the script it names.\n"
@@ -54,9 +55,7 @@ def write_section(heading, body):
 @contextmanager
 def running_server(models_dir, *options, stderr=subprocess.DEVNULL):
     """`python -m serve` on a free loopback port with `options`; yields (url, process) once /health answers."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "serve", "--port", str(port), "--models-dir", str(models_dir), *options],

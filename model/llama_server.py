@@ -62,16 +62,17 @@ def free_port():
 
 
 @contextmanager
-def running(gguf_file, log_file, threads=1, slots=1, native=False, options=()):
+def running(gguf_file, log_file, threads=1, slots=1, native=False):
     """`llama-server` serving `gguf_file` on a free loopback port, as its README runs it (the chat template from
     the file: --jinja), with `threads` for generation and prompts (None: its default) and `slots` requests at
     once; yields its URL.
     Its log goes to `log_file`."""
+    port = free_port()
     command = [str(binary(native)), "-m", str(gguf_file), "--jinja", "--no-webui", "--host", "127.0.0.1"]
-    command += ["--port", str(free_port()), "-np", str(slots), *options]
+    command += ["--port", str(port), "-np", str(slots)]
     if threads is not None:  # None: llama-server's own choice (every core)
         command += ["-t", str(threads), "-tb", str(threads)]
-    url = f"http://127.0.0.1:{command[command.index('--port') + 1]}"
+    url = f"http://127.0.0.1:{port}"
     with open(log_file, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -43,7 +43,7 @@ def available_cores():
 
 
 # The decode kernel's threads: every core this process may use, as llama.cpp's default (BENCHMARKS.md, "Serving
-# against llama.cpp": one stream decodes 1.9 times as fast on 2 threads as on 1 on the 2-core machine there). A
+# against llama.cpp": one stream decodes 1.6 times as fast on 2 threads as on 1 on the 2-core machine there). A
 # step's threads wait on each other, so another process that holds a core slows them all: --threads 1 then.
 DEFAULT_THREADS = available_cores()
 PREFILL_CHUNK = 32  # prompt tokens per forward pass: a few decode steps' time on a CPU

@@ -197,6 +197,10 @@ static Workers& workers_of_this_thread(int threads) {
 // body(first, last) for `threads` consecutive parts of [0, count), on this thread's Workers.
 template <typename Body>
 static void parallel_for(int64_t count, int threads, Body body) {
+    if (threads == 1) {  // on this thread, as part 0 of 1: no task to hand out
+        if (count > 0) body(0, count);
+        return;
+    }
     workers_of_this_thread(threads).run([&](int part) {
         int64_t first = count * part / threads, last = count * (part + 1) / threads;
         if (first < last) body(first, last);
@@ -243,8 +247,8 @@ typedef int16_t rounded_t;
 struct RoundedRows {
     std::vector<rounded_t> values;
     std::vector<float> scales;
-    // Each row's sum of its values. VNNI multiplies unsigned bytes by signed ones: the weights go in as
-    // w + 128 (their top bit flipped), and 128 * this sum comes off again.
+    // Each row's sum of its values (0 without VNNI, which alone needs them). VNNI multiplies unsigned bytes by
+    // signed ones: the weights go in as w + 128 (their top bit flipped), and 128 * this sum comes off again.
     std::vector<int32_t> sums;
 };
 
@@ -276,9 +280,9 @@ static RoundedRows round_rows(const float* x, int64_t B, int64_t K) {
         }
 #endif
         for (; k < K; k++) out[k] = static_cast<rounded_t>(std::nearbyint(row[k] * inverse));
-        int32_t sum = 0;
-        for (k = 0; k < K; k++) sum += out[k];
-        rounded.sums[b] = sum;
+#ifdef BYTE_PRODUCTS
+        for (k = 0; k < K; k++) rounded.sums[b] += out[k];
+#endif
     }
     return rounded;
 }
@@ -489,19 +493,19 @@ static const std::vector<std::string> BLOCK_WEIGHTS = {
     "mlp_norm",  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"};
 enum BlockWeight { ATTN_NORM, Q, K, V, O, MLP_NORM, GATE, UP, DOWN, WEIGHTS_PER_BLOCK };
 
-static void check_dense(const at::Tensor& t, at::ScalarType dtype, const char* what) {
+static void check_dense(const at::Tensor& t, at::ScalarType dtype, const std::string& what) {
     TORCH_CHECK(t.device().is_cpu(), what, " must be on the CPU, not ", t.device());
     TORCH_CHECK(t.scalar_type() == dtype, what, " must be ", dtype, ", not ", t.scalar_type());
     TORCH_CHECK(t.is_contiguous(), what, " must be contiguous");
 }
 
-static void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* what) {
+static void check_shape(const at::Tensor& t, at::IntArrayRef shape, const std::string& what) {
     TORCH_CHECK(t.sizes() == shape, what, " must have shape ", shape, ", not ", t.sizes());
 }
 
 // A linear layer's weight (N, K), float32, or int8 with its float32 scale (N,); returns it as a Projection.
 static Projection projection(const at::Tensor& weight, const std::optional<at::Tensor>& scale, int64_t N, int64_t K,
-                             const char* what) {
+                             const std::string& what) {
     TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kChar, what,
                 " must be float32 or int8, not ", weight.scalar_type());
     check_dense(weight, weight.scalar_type(), what);
@@ -511,16 +515,18 @@ static Projection projection(const at::Tensor& weight, const std::optional<at::T
         return {weight.data_ptr(), nullptr};
     }
     TORCH_CHECK(scale.has_value(), what, ": an int8 weight needs its scale");
-    check_dense(*scale, at::kFloat, "a scale");
-    check_shape(*scale, {N}, "a scale");
+    check_dense(*scale, at::kFloat, what + "'s scale");
+    check_shape(*scale, {N}, what + "'s scale");
     return {weight.data_ptr(), scale->data_ptr<float>()};
 }
 
 static at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale,
                          int64_t threads) {
     check_dense(x, at::kFloat, "x");
+    TORCH_CHECK(threads > 0, "threads must be at least 1, not ", threads);
     TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2, "x (..., K) and a weight (N, K) expected");
     const int64_t N = weight.size(0), K = weight.size(1);
+    TORCH_CHECK(K > 0, "the weight must take at least one feature, not ", weight.sizes());
     TORCH_CHECK(x.size(-1) == K, "x has ", x.size(-1), " features; the weight takes ", K);
     Projection p = projection(weight, scale, N, K, "the weight");
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -533,8 +539,9 @@ static at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const st
 static at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps) {
     check_dense(x, at::kFloat, "x");
     check_dense(weight, at::kFloat, "the norm's weight");
-    TORCH_CHECK(weight.dim() == 1 && x.dim() >= 1 && x.size(-1) == weight.size(0), "x (..., ", weight.size(0),
-                ") expected, not ", x.sizes());
+    TORCH_CHECK(weight.dim() == 1 && weight.size(0) > 0, "the norm's weight must be (width), not ", weight.sizes());
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(0), "x (..., ", weight.size(0), ") expected, not ",
+                x.sizes());
     at::Tensor y = at::empty_like(x);
     const int64_t D = weight.size(0);
     rms_norm(weight.data_ptr<float>(), D, static_cast<float>(eps), x.data_ptr<float>(), y.data_ptr<float>(),
@@ -574,14 +581,16 @@ struct Decoder : torch::CustomClassHolder {
         check_dense(embed_, at::kFloat, "embed");
         TORCH_CHECK(embed_.dim() == 2, "embed must be (vocab, width)");
         vocab = embed_.size(0), width = embed_.size(1);
-        TORCH_CHECK(heads > 0 && width % heads == 0 && width / heads % 2 == 0,
-                    "heads must split the width into even head sizes");
-        TORCH_CHECK(threads > 0, "threads must be at least 1");
+        TORCH_CHECK(heads > 0 && width % heads == 0 && width / heads % 2 == 0, "heads (", heads,
+                    ") must split the width (", width, ") into even head sizes");
+        TORCH_CHECK(threads > 0, "threads must be at least 1, not ", threads);
         D = width / heads;
         TORCH_CHECK(!weights.empty() && weights.size() % WEIGHTS_PER_BLOCK == 0 && scales.size() == weights.size(),
-                    "weights and scales: ", static_cast<int>(WEIGHTS_PER_BLOCK), " per layer each (BLOCK_WEIGHTS)");
+                    "weights and scales: ", static_cast<int>(WEIGHTS_PER_BLOCK), " per layer each (BLOCK_WEIGHTS), not ",
+                    weights.size(), " and ", scales.size());
         const int64_t n_layers = weights.size() / WEIGHTS_PER_BLOCK;
-        TORCH_CHECK(weights[GATE].dim() == 2, "a feed-forward weight must be 2-D");
+        TORCH_CHECK(weights[GATE].dim() == 2, "layers.0.", BLOCK_WEIGHTS[GATE], ".weight must be 2-D, not ",
+                    weights[GATE].sizes());
         hidden = weights[GATE].size(0);
         for (const at::Tensor* t : {&keys_, &values_}) {
             TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf,
@@ -600,19 +609,21 @@ struct Decoder : torch::CustomClassHolder {
         for (int64_t l = 0; l < n_layers; l++) {
             auto at = [&](BlockWeight w) -> const at::Tensor& { return weights[l * WEIGHTS_PER_BLOCK + w]; };
             auto scale = [&](BlockWeight w) { return scales.get(l * WEIGHTS_PER_BLOCK + w); };
+            // the model's own name for it, as in its state dict
+            auto name = [&](BlockWeight w) { return "layers." + std::to_string(l) + "." + BLOCK_WEIGHTS[w] + ".weight"; };
             for (BlockWeight norm : {ATTN_NORM, MLP_NORM}) {
-                check_dense(at(norm), at::kFloat, "a norm's weight");
-                check_shape(at(norm), {width}, "a norm's weight");
-                TORCH_CHECK(!scale(norm).has_value(), "a norm's weight takes no scale");
+                check_dense(at(norm), at::kFloat, name(norm));
+                check_shape(at(norm), {width}, name(norm));
+                TORCH_CHECK(!scale(norm).has_value(), name(norm), " is a norm's weight: it takes no scale");
             }
+            auto projection_of = [&](BlockWeight w, int64_t outputs, int64_t inputs) {
+                return projection(at(w), scale(w), outputs, inputs, name(w));
+            };
             layers.push_back({at(ATTN_NORM).data_ptr<float>(), at(MLP_NORM).data_ptr<float>(),
-                              projection(at(Q), scale(Q), width, width, "q_proj"),
-                              projection(at(K), scale(K), width, width, "k_proj"),
-                              projection(at(V), scale(V), width, width, "v_proj"),
-                              projection(at(O), scale(O), width, width, "o_proj"),
-                              projection(at(GATE), scale(GATE), hidden, width, "gate_proj"),
-                              projection(at(UP), scale(UP), hidden, width, "up_proj"),
-                              projection(at(DOWN), scale(DOWN), width, hidden, "down_proj")});
+                              projection_of(Q, width, width), projection_of(K, width, width),
+                              projection_of(V, width, width), projection_of(O, width, width),
+                              projection_of(GATE, hidden, width), projection_of(UP, hidden, width),
+                              projection_of(DOWN, width, hidden)});
         }
         check_dense(final_norm_, at::kFloat, "the final norm's weight");
         check_shape(final_norm_, {width}, "the final norm's weight");

@@ -78,7 +78,6 @@ def build():
 
     target = library_file()
     if target.is_file():
-        (BUILD / "built").touch()
         return
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
@@ -108,7 +107,6 @@ def build():
     for old in BUILD.glob("rowwise_*.so"):
         if old != target:
             old.unlink()
-    (BUILD / "built").touch()  # for make: what `make setup` is to rebuild when the source changes
 
 
 _loaded = False
@@ -141,7 +139,6 @@ class RowwiseLinear(nn.Module):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
         weight = weight.detach().float().contiguous()
-        self.out_features, self.in_features = weight.shape
         if precision == "int8":
             # Symmetric, one scale per output row: the largest weight of the row maps to 127.
             scale = weight.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
@@ -199,13 +196,34 @@ def _check_architecture(model, block_weights):
     if unknown_config or unread:
         raise ValueError(
             f"serve/kernel.cpp's decode step does not implement {sorted(unknown_config | unread)} of model/gpt.py: "
-            "extend its decode_step (and BLOCK_WEIGHTS), then run `make setup`"
+            "extend its Decoder::step (and BLOCK_WEIGHTS), then run `make setup`"
         )
+
+
+def decoder_arguments(model, cache, threads):
+    """serve/kernel.cpp's Decoder's arguments, by name, for `model` (a rowwise_model) on `cache`: each block's
+    weights in the order the kernel lists them (block_weights), with their int8 scales."""
+    layers = [block.get_submodule(name) for block in model.layers for name in library().block_weights()]
+    return dict(
+        embed=model.embed.weight.detach().float().contiguous(),
+        weights=[layer.weight for layer in layers],
+        scales=[getattr(layer, "scale", None) for layer in layers],
+        final_norm=model.norm.weight,
+        head=model.lm_head.weight,
+        head_scale=model.lm_head.scale,
+        rope_cos=model.rope_cos,
+        rope_sin=model.rope_sin,
+        keys=cache.keys,
+        values=cache.values,
+        heads=model.config.n_heads,
+        eps=model.config.norm_eps,
+        threads=threads,
+    )
 
 
 class RowwiseDecoder:
     """The decode step of a rowwise_model, one new token per sequence, in one kernel call (serve/kernel.cpp's
-    decode_step: the model's forward pass for one token with a cache, every row independent of the others).
+    Decoder::step: the model's forward pass for one token with a cache, every row independent of the others).
 
     From Python the same step is some forty module calls and as many small tensors per token, which on a
     small model cost as much as the arithmetic. Prompts still go through the model itself (several tokens a
@@ -215,25 +233,9 @@ class RowwiseDecoder:
     """
 
     def __init__(self, model, cache, threads=1):
-        block_weights = library().block_weights()
-        _check_architecture(model, block_weights)
-        layers = [block.get_submodule(name) for block in model.layers for name in block_weights]
+        _check_architecture(model, library().block_weights())
         self.cache = cache  # the kernel writes each step's keys and values into it
-        self.decoder = torch.classes.rowwise.Decoder(
-            model.embed.weight.detach().float().contiguous(),
-            [layer.weight for layer in layers],
-            [getattr(layer, "scale", None) for layer in layers],
-            model.norm.weight,
-            model.lm_head.weight,
-            model.lm_head.scale,
-            model.rope_cos,
-            model.rope_sin,
-            cache.keys,
-            cache.values,
-            model.config.n_heads,
-            model.config.norm_eps,
-            threads,
-        )
+        self.decoder = torch.classes.rowwise.Decoder(*decoder_arguments(model, cache, threads).values())
 
     def __call__(self, tokens, rows, positions):
         """Logits (B, vocab) of the next token of each sequence: `tokens` (B,) at `positions` (B,) of cache `rows`

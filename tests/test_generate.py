@@ -3,11 +3,11 @@
 import copy
 import gc
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,10 +20,12 @@ from serve.kernel import (
     RowwiseDecoder,
     RowwiseLinear,
     RowwiseRMSNorm,
+    decoder_arguments,
     library,
     rowwise_cache,
     rowwise_model,
 )
+from tests.paths import REPO_ROOT
 from tests.tiny import markov_chain, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -284,32 +286,12 @@ def swap(items, i, j):
     items[i], items[j] = items[j], items[i]
 
 
-def decoder_arguments(model, cache):
-    """serve/kernel.cpp's Decoder's arguments for `model` (a rowwise_model) on `cache`, by name."""
-    layers = [block.get_submodule(name) for block in model.layers for name in library().block_weights()]
-    return dict(
-        embed=model.embed.weight.detach(),
-        weights=[layer.weight for layer in layers],
-        scales=[getattr(layer, "scale", None) for layer in layers],
-        final_norm=model.norm.weight,
-        head=model.lm_head.weight,
-        head_scale=model.lm_head.scale,
-        rope_cos=model.rope_cos,
-        rope_sin=model.rope_sin,
-        keys=cache.keys,
-        values=cache.values,
-        heads=model.config.n_heads,
-        eps=model.config.norm_eps,
-        threads=1,
-    )
-
-
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda args: swap(args["weights"], 6, 8), "gate_proj must have shape"),  # gate and down
+        (lambda args: swap(args["weights"], 6, 8), "layers.0.mlp.gate_proj.weight must have shape"),  # gate, down
         (lambda args: args.update(keys=args["keys"].half()), "cache's keys and values must be Half, not Float"),
-        (lambda args: args.update(head_scale=None), "an int8 weight needs its scale"),
+        (lambda args: args.update(head_scale=None), "the output head: an int8 weight needs its scale"),
         (lambda args: args.update(rope_cos=args["rope_cos"][:, :3]), "rotary tables must be"),
         (lambda args: args.update(embed=args["embed"].t()), "embed must be contiguous"),
         (lambda args: args.update(threads=0), "threads must be at least 1"),
@@ -319,10 +301,29 @@ def decoder_arguments(model, cache):
 def test_the_decoder_checks_the_model_and_cache_it_is_given(trained_model, change, message):
     """A wrong argument is a RuntimeError naming it, when the decoder is made (not a crash or garbage later)."""
     model = rowwise_model(trained_model, "int8")
-    args = decoder_arguments(model, rowwise_cache(trained_model.config, 3, CONTEXT, "fp32"))
+    args = decoder_arguments(model, rowwise_cache(trained_model.config, 3, CONTEXT, "fp32"), threads=1)
     change(args)
     with pytest.raises(RuntimeError, match=message):
         torch.classes.rowwise.Decoder(*args.values())
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda ops: ops.linear(torch.ones(2, 4), torch.ones(3, 4), None, 0), "threads must be at least 1, not 0"),
+        (lambda ops: ops.linear(torch.ones(2, 0), torch.ones(3, 0), None, 1), "at least one feature"),
+        (
+            lambda ops: ops.linear(torch.ones(2, 4), torch.ones(3, 4, dtype=torch.int8), torch.ones(2), 1),
+            "the weight's scale must have shape",
+        ),
+        (lambda ops: ops.rms_norm(torch.ones(2, 0), torch.ones(0), 1e-5), "the norm's weight must be"),
+    ],
+    ids=["threads", "no features", "scale shape", "empty norm"],
+)
+def test_the_kernels_operators_check_what_they_are_given(call, message):
+    """A wrong argument is a RuntimeError naming it (a zero count of threads or features divided by zero before)."""
+    with pytest.raises(RuntimeError, match=message):
+        call(library())
 
 
 @pytest.mark.parametrize(
@@ -541,7 +542,7 @@ def kernel_script(tmp_path, code, compiler):
         capture_output=True,
         text=True,
         env={**os.environ, "CXX": compiler},
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO_ROOT,
     )
 
 
@@ -550,6 +551,15 @@ def test_set_up_without_a_compiler_says_so_in_one_line_and_goes_on(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1 and "no C++ compiler 'no-such-compiler' found" in result.stdout
     assert "install g++" in result.stdout and not list(tmp_path.glob("*.so"))
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed here")
+def test_set_up_builds_the_kernel_every_time_it_runs_so_a_new_cpu_or_torch_gets_one():
+    """The library is made for this source, these flags, this CPU and this torch. With a file stamp in the Makefile,
+    `make setup` would do nothing after the CPU or torch changed, while the server tells the user to run it."""
+    dry_run = subprocess.run(["make", "--dry-run", "setup"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert "python -m serve.kernel" in dry_run.stdout
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,10 @@ that leaves, or one request that fails, ends that request only; bodies cost what
 trickled body nor a reader that stops holds a socket. Real server (uvicorn, loopback sockets)."""
 
 import asyncio
+import inspect
 import json
 import logging
+import os
 import random
 import socket
 import time
@@ -427,6 +429,14 @@ def test_the_server_command_prints_a_kernel_that_is_not_built_as_one_line(models
         main(["--models-dir", str(models_dir), "--threads", str(torch.get_num_threads())])
     assert ended.value.code == 1
     assert capsys.readouterr().err == f"error: {NOT_BUILT}\n"
+
+
+def test_the_server_decodes_on_every_core_it_may_use_unless_told_otherwise():
+    """README: `--threads` defaults to every core the server may use, as llama-server's; so does an app built
+    without it."""
+    cores = len(os.sched_getaffinity(0))
+    assert parse_args([]).threads == cores and parse_args(["--threads", "1"]).threads == 1
+    assert inspect.signature(create_app).parameters["threads"].default == cores
 
 
 @pytest.mark.parametrize(
